@@ -1,0 +1,39 @@
+"""colintern: train, evaluate and benchmark ColPali-style visual document retrievers on InternVL3.5.
+
+The public names are imported lazily so that `import colintern` (and every script's `--help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ColIntern3_5": "colintern.modeling",
+    "ColIntern3_5Processor": "colintern.processing",
+    "max_sim": "colintern.scoring",
+    "load_model": "colintern.loading",
+    "load_processor": "colintern.loading",
+    "load_retriever": "colintern.loading",
+    "ColinternError": "colintern.utils",
+    "EMBEDDED_MODEL": "colintern.embedded",
+    "EMBEDDED_DATASET": "colintern.embedded",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from colintern.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
+    from colintern.loading import load_model, load_processor, load_retriever
+    from colintern.modeling import ColIntern3_5
+    from colintern.processing import ColIntern3_5Processor
+    from colintern.scoring import max_sim
+    from colintern.utils import ColinternError
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'colintern' has no attribute {name!r}")
