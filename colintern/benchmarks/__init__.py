@@ -1,0 +1,71 @@
+"""Benchmarks behind `python scripts/benchmark.py <name>`: each compares colintern with the reference implementation
+users would otherwise pick, measured in the same run, and writes JSON to results/benchmarks/.
+
+A sub-benchmark is a module in this package with:
+    DESCRIPTION: str
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> dict        # the figures; `record()` adds machine, versions and command
+and one line in `SUBBENCHMARKS` below.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from pathlib import Path
+
+from colintern.utils import atomic_write_json
+
+SUBBENCHMARKS: dict[str, str] = {
+    # name -> module; modules are imported only when their benchmark runs
+}
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: CPU/GPU, threads and library versions."""
+    import torch
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    for package in ("colpali_engine", "mteb", "peft"):
+        try:
+            info[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - a version is nice to have, never required
+            info[package] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def record(name: str, figures: dict, output_dir: str | Path | None = None, tag: str | None = None) -> Path:
+    """Write `figures` with the machine, versions, command line and time to results/benchmarks/<name>[-tag].json."""
+    output_dir = Path(output_dir) if output_dir else RESULTS_DIR
+    payload = {
+        "benchmark": name,
+        "command": "python " + " ".join(sys.argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        **figures,
+    }
+    path = output_dir / f"{name}{'-' + tag if tag else ''}.json"
+    atomic_write_json(path, payload)
+    return path
