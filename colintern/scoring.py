@@ -8,9 +8,20 @@ Conventions:
     dropped, so padding can never win a max, also when every real similarity is negative.
   * A page with no tokens scores -inf; a query with no tokens scores 0.
 
-The implementation never materialises the (queries, pages, query tokens, page tokens) tensor: pages are sorted by
-length and scored in chunks whose similarity block stays under `chunk_elements` values, each chunk being one GEMM of
-all (or a block of) query tokens against the chunk's page tokens, a max over page tokens and a per-query segment sum.
+How it is computed (the (queries, pages, query tokens, page tokens) tensor is never materialised):
+  * Pages are sorted by length and cut into chunks; the query tokens of all queries form one matrix, cut into blocks
+    so that a (query block, chunk tokens) similarity block holds at most `chunk_elements` values. Few large blocks
+    beat many cache-sized ones on the CPU: every GEMM and max is a parallel region whose threads meet at its end,
+    and on a shared machine each meeting waits for a descheduled thread (measured: 2^19-value blocks ran at 11-14
+    GFLOP/s, 2^24-value blocks at 80, on 2 busy cores; on an idle machine the two are within 5%).
+  * A chunk's pages are copied, and cast to the compute dtype, by one `torch.cat` into a preallocated (pages x
+    longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a duplicate
+    cannot change a max, so no -inf masking pass is needed and the result stays exact.
+  * Per block: one GEMM into a preallocated buffer, an amax over the page-token axis of its (rows, pages, tokens)
+    view, and a segment sum of the per-token maxima into their queries (`index_add_`).
+  * CPU: float32 compute (this CPU's 16-bit GEMMs are 30-40x slower than its float32 ones). CUDA: 16-bit GEMMs with
+    float32 accumulation for 16-bit inputs, maxima summed in float32; or, when the optional `late-interaction-kernels`
+    package is installed, its fused varlen Triton kernel on the packed (unpadded) tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +30,12 @@ import torch
 
 Embeddings = list[torch.Tensor] | torch.Tensor
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M similarity values per block: 64 MB in float32
+# Similarity values per block (see the module docstring): CPU 16M float32 = 64 MB; CUDA 128M 16-bit values = 256 MB.
+DEFAULT_CHUNK_ELEMENTS_CPU = 1 << 24
+DEFAULT_CHUNK_ELEMENTS_CUDA = 1 << 27
+# late-interaction-kernels path: page tokens sent to the device per call (bounds device memory: 4M x 128 x 2 B = 1 GiB)
+LIK_CHUNK_TOKENS = 1 << 22
+BACKENDS = ("auto", "torch", "lik")
 
 
 def _as_token_list(embeddings: Embeddings, name: str) -> list[torch.Tensor]:
@@ -27,16 +43,19 @@ def _as_token_list(embeddings: Embeddings, name: str) -> list[torch.Tensor]:
     if isinstance(embeddings, torch.Tensor):
         if embeddings.ndim != 3:
             raise ValueError(f"{name}: expected a (n, tokens, dim) tensor or a list of (tokens, dim) tensors")
-        items = list(embeddings.unbind(0))
-    else:
-        items = list(embeddings)
+        if embeddings.shape[0] == 0:
+            raise ValueError(f"No {name} provided")
+        present = embeddings.any(dim=-1)  # (n, tokens): one pass for the whole tensor, no temporary
+        full = present.all(dim=-1).tolist()
+        return [item if keep_all else item[mask] for item, mask, keep_all in zip(embeddings, present, full)]
+    items = list(embeddings)
     if len(items) == 0:
         raise ValueError(f"No {name} provided")
     out = []
     for item in items:
         if item.ndim != 2:
             raise ValueError(f"{name}: each item must be (tokens, dim), got shape {tuple(item.shape)}")
-        present = item.ne(0).any(dim=-1)
+        present = item.any(dim=-1)  # a token is present when any component is non-zero
         out.append(item if bool(present.all()) else item[present])
     dims = {t.shape[-1] for t in out}
     if len(dims) != 1:
@@ -51,11 +70,23 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def lik_available(device: torch.device) -> bool:
+    """True when the optional `late-interaction-kernels` package can score on `device` (CUDA, compute >= 8.0)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from late_interaction_kernels import maxsim_varlen  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or its Triton import failing on this platform
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def max_sim(
     qs: Embeddings,
     ps: Embeddings,
     device: str | torch.device | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
+    backend: str = "auto",
     **_ignored,
 ) -> torch.Tensor:
     """MaxSim scores of every query against every page: (n_queries, n_pages) float32 on the CPU.
@@ -64,75 +95,134 @@ def max_sim(
         qs: query embeddings, a list of (tokens, dim) tensors or a zero-padded (n, tokens, dim) tensor.
         ps: page embeddings, same forms.
         device: where to compute (default: CUDA when available, else CPU).
-        chunk_elements: bound on the similarity values held at once (memory/speed trade-off).
+        chunk_elements: bound on the similarity values held at once (memory/speed trade-off; default per device).
+        backend: "torch" (chunked GEMMs), "lik" (the `late-interaction-kernels` package, CUDA and 16-bit inputs
+            only) or "auto" (lik when it is installed and applies, else torch).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     queries = _as_token_list(qs, "queries")
     pages = _as_token_list(ps, "pages")
     if queries[0].shape[-1] != pages[0].shape[-1]:
         raise ValueError(f"query dim {queries[0].shape[-1]} != page dim {pages[0].shape[-1]}")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _compute_dtype(device, pages[0].dtype)
+    if chunk_elements is None:
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS_CPU if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS_CUDA
 
-    n_queries, n_pages = len(queries), len(pages)
+    use_lik = dtype in (torch.float16, torch.bfloat16) and lik_available(device)
+    if backend == "lik" and not use_lik:
+        raise ValueError(
+            "backend='lik' needs the late-interaction-kernels package, a CUDA GPU of compute capability >= 8.0 and "
+            "16-bit embeddings; use backend='auto' to fall back to the torch implementation."
+        )
+    if backend != "torch" and use_lik:
+        return _max_sim_lik(queries, pages, device, dtype)
+    return _max_sim_torch(queries, pages, device, dtype, max(1, int(chunk_elements)))
+
+
+def _max_sim_torch(
+    queries: list[torch.Tensor],
+    pages: list[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    chunk_elements: int,
+) -> torch.Tensor:
+    n_queries, n_pages, dim = len(queries), len(pages), pages[0].shape[-1]
     scores = torch.empty(n_queries, n_pages, dtype=torch.float32)
 
     # All query tokens in one matrix; `owner[t]` is the query that token t belongs to.
     q_lengths = torch.tensor([len(q) for q in queries])
     q_tokens = torch.cat(queries).to(device=device, dtype=dtype)
     owner = torch.repeat_interleave(torch.arange(n_queries), q_lengths).to(device)
-    total_q_tokens = max(1, q_tokens.shape[0])
+    total_q_tokens = q_tokens.shape[0]
 
-    # Pages sorted by length so each chunk pads little; chunk size bounded by `chunk_elements`.
     p_lengths = [len(p) for p in pages]
-    order = sorted(range(n_pages), key=p_lengths.__getitem__)
-    # query tokens per block: all of them unless one page alone would exceed the budget
-    q_block = max(1, min(total_q_tokens, chunk_elements // max(1, max(p_lengths))))
+    empty = [i for i, length in enumerate(p_lengths) if length == 0]
+    scores[:, empty] = float("-inf")
+    order = sorted((i for i in range(n_pages) if p_lengths[i] > 0), key=p_lengths.__getitem__)
+    if not order or total_q_tokens == 0:
+        scores[:, order] = 0.0
+        return scores
 
+    # Block sizes: query tokens per block, then page tokens per chunk (at least one page; lengths ascend along
+    # `order`, so the last page added to a chunk is its longest).
+    longest = p_lengths[order[-1]]
+    q_block = max(1, min(total_q_tokens, chunk_elements // longest))
+    chunk_tokens = max(longest, chunk_elements // q_block)
+    chunks: list[list[int]] = []
     start = 0
-    while start < n_pages:
-        # grow the chunk while the padded block (pages x longest page x query block) stays within budget;
-        # lengths increase along `order`, so the last page added is the longest
+    while start < len(order):
         stop = start + 1
-        while stop < n_pages and (stop - start + 1) * max(1, p_lengths[order[stop]]) * q_block <= chunk_elements:
+        while stop < len(order) and (stop - start + 1) * p_lengths[order[stop]] <= chunk_tokens:
             stop += 1
-        chunk = order[start:stop]
-        chunk_scores = _score_chunk(q_tokens, owner, n_queries, [pages[i] for i in chunk], q_block, device, dtype)
-        scores[:, chunk] = chunk_scores.cpu()
+        chunks.append(order[start:stop])
         start = stop
+    max_chunk_pages = max(len(chunk) for chunk in chunks)
+    max_chunk_tokens = max(len(chunk) * p_lengths[chunk[-1]] for chunk in chunks)
+
+    # Preallocated buffers, reused by every chunk (fresh allocations of this size would page-fault on each use).
+    page_buffer = torch.empty(max_chunk_tokens * dim, dtype=dtype, device=device)
+    sim_buffer = torch.empty(min(q_block, total_q_tokens) * max_chunk_tokens, dtype=dtype, device=device)
+    best_buffer = torch.empty(min(q_block, total_q_tokens) * max_chunk_pages, dtype=dtype, device=device)
+    chunk_scores = torch.empty(n_queries, max_chunk_pages, dtype=torch.float32, device=device)
+
+    for chunk in chunks:
+        n, length = len(chunk), p_lengths[chunk[-1]]
+        page_matrix = page_buffer[: n * length * dim].view(n * length, dim)  # (pages x longest, dim)
+        pieces = []
+        for index in chunk:
+            page = pages[index]
+            pieces.append(page)
+            if len(page) < length:  # pad with the page's own last token: the max over its tokens is unchanged
+                pieces.append(page[-1:].expand(length - len(page), dim))
+        if all(piece.device == device for piece in pieces):
+            torch.cat(pieces, out=page_matrix)  # one op: gathers, pads and casts into the buffer
+        else:
+            page_matrix.copy_(torch.cat(pieces))  # gather on the pages' device, then one transfer + cast
+        page_matrix_t = page_matrix.T  # (dim, chunk tokens)
+        out = chunk_scores[:, :n].zero_()
+        for q_start in range(0, total_q_tokens, q_block):
+            rows = min(q_block, total_q_tokens - q_start)
+            sim = sim_buffer[: rows * n * length].view(rows, n * length)
+            torch.mm(q_tokens[q_start : q_start + rows], page_matrix_t, out=sim)
+            best = best_buffer[: rows * n].view(rows, n)
+            torch.amax(sim.view(rows, n, length), dim=-1, out=best)  # (block tokens, pages)
+            out.index_add_(0, owner[q_start : q_start + rows], best.float())
+        scores[:, chunk] = out.cpu()
     return scores
 
 
-def _score_chunk(
-    q_tokens: torch.Tensor,
-    owner: torch.Tensor,
-    n_queries: int,
-    pages: list[torch.Tensor],
-    q_block: int,
-    device: torch.device,
-    dtype: torch.dtype,
+def _max_sim_lik(
+    queries: list[torch.Tensor], pages: list[torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Scores of all queries against a few pages: (n_queries, len(pages)) float32."""
-    lengths = [len(p) for p in pages]
-    longest = max(lengths)
-    n_pages = len(pages)
-    out = torch.zeros(n_queries, n_pages, dtype=torch.float32, device=device)
-    if longest == 0:
-        return out.fill_(float("-inf"))
-    if min(lengths) == longest:
-        padded = torch.stack(pages).to(device=device, dtype=dtype)
-        pad_mask = None
-    else:
-        padded = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True).to(device=device, dtype=dtype)
-        pad_mask = torch.arange(longest, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]
-    flat = padded.reshape(n_pages * longest, -1).T  # (dim, pages * tokens)
-    for q_start in range(0, q_tokens.shape[0], q_block):
-        block = q_tokens[q_start : q_start + q_block]
-        sim = (block @ flat).view(block.shape[0], n_pages, longest)
-        if pad_mask is not None:
-            sim.masked_fill_(pad_mask[None], float("-inf"))
-        best = sim.amax(dim=-1).float()  # (block tokens, pages)
-        out.index_add_(0, owner[q_start : q_start + block.shape[0]], best)
-    return out
+    """MaxSim through late-interaction-kernels' fused varlen kernel on packed tokens (no padding, so exact)."""
+    from late_interaction_kernels import maxsim_varlen
+
+    def offsets(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+    n_queries, n_pages = len(queries), len(pages)
+    scores = torch.empty(n_queries, n_pages, dtype=torch.float32)
+    q_packed = torch.cat(queries).to(device=device, dtype=dtype)
+    cu_q = offsets([len(q) for q in queries])  # an empty query scores 0 in the kernel, as here
+    non_empty = [i for i in range(n_pages) if len(pages[i]) > 0]
+    scores[:, [i for i in range(n_pages) if len(pages[i]) == 0]] = float("-inf")
+    if q_packed.shape[0] == 0:  # no query has a token: every score is 0
+        scores[:, non_empty] = 0.0
+        return scores
+    start = 0
+    while start < len(non_empty):
+        stop, tokens = start, 0
+        while stop < len(non_empty) and (stop == start or tokens + len(pages[non_empty[stop]]) <= LIK_CHUNK_TOKENS):
+            tokens += len(pages[non_empty[stop]])
+            stop += 1
+        chunk = non_empty[start:stop]
+        d_packed = torch.cat([pages[i] for i in chunk]).to(device=device, dtype=dtype)
+        cu_d = offsets([len(pages[i]) for i in chunk])
+        scores[:, chunk] = maxsim_varlen(q_packed, d_packed, cu_q, cu_d).float().cpu()
+        start = stop
+    return scores
 
 
 def max_sim_reference(qs: Embeddings, ps: Embeddings) -> torch.Tensor:

@@ -66,3 +66,61 @@ def test_empty_page_scores_minus_infinity_and_bad_shapes_are_rejected():
         max_sim([], [torch.randn(2, 4)])
     with pytest.raises(ValueError, match="dim"):
         max_sim([torch.randn(2, 4)], [torch.randn(2, 5)])
+
+
+def test_empty_queries_score_zero_and_empty_pages_minus_infinity_among_others():
+    qs = [torch.zeros(3, 8), *ragged(3, 2, 5, 8, seed=8)]
+    ps = [*ragged(4, 3, 9, 8, seed=9), torch.zeros(2, 8)]
+    scores = max_sim(qs, ps, chunk_elements=40)
+    torch.testing.assert_close(scores, max_sim_reference(qs, ps), rtol=1e-5, atol=1e-5)
+    assert (scores[0, :4] == 0).all() and torch.isinf(scores[:, 4]).all()
+    only_empty_queries = max_sim([torch.zeros(2, 8)], ps)
+    assert (only_empty_queries[0, :4] == 0).all() and torch.isinf(only_empty_queries[0, 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_compute_path_used_on_gpus_is_close_to_reference(dtype):
+    # On CUDA 16-bit inputs are multiplied in 16 bits; the same code runs on the CPU when asked for that dtype.
+    from colintern.scoring import _max_sim_torch
+
+    qs = [x.to(dtype) for x in ragged(5, 3, 9, 64, seed=10)]
+    ps = [x.to(dtype) for x in ragged(13, 4, 50, 64, seed=11)]
+    scores = _max_sim_torch(qs, ps, torch.device("cpu"), dtype, chunk_elements=500)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, max_sim_reference(qs, ps), rtol=0, atol=0.05)
+
+
+def test_backend_choice_is_validated():
+    q, p = ragged(2, 1, 3, 8, seed=12), ragged(2, 1, 3, 8, seed=13)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        max_sim(q, p, backend="triton")
+    with pytest.raises(ValueError, match="late-interaction-kernels"):
+        max_sim(q, p, device="cpu", backend="lik")
+    torch.testing.assert_close(max_sim(q, p, backend="torch"), max_sim(q, p, backend="auto"))
+
+
+def test_late_interaction_kernels_route_packs_chunks_and_handles_empty_inputs(monkeypatch):
+    """The adapter to late-interaction-kernels' varlen kernel (CUDA-only, not installed here), run against a
+    brute-force stand-in with the kernel's documented contract: packed tokens + int32 cumulative offsets."""
+    import sys
+    import types
+
+    from colintern import scoring
+
+    def maxsim_varlen(q_packed, d_packed, cu_q, cu_d):
+        assert cu_q.dtype == torch.int32 and cu_d.dtype == torch.int32 and q_packed.dtype == torch.bfloat16
+        out = torch.zeros(len(cu_q) - 1, len(cu_d) - 1)
+        for i in range(len(cu_q) - 1):
+            q = q_packed[cu_q[i] : cu_q[i + 1]].double()
+            for j in range(len(cu_d) - 1):
+                d = d_packed[cu_d[j] : cu_d[j + 1]].double()
+                out[i, j] = 0.0 if len(q) == 0 else (q @ d.T).max(dim=1).values.sum()
+        return out
+
+    monkeypatch.setitem(sys.modules, "late_interaction_kernels", types.SimpleNamespace(maxsim_varlen=maxsim_varlen))
+    monkeypatch.setattr(scoring, "LIK_CHUNK_TOKENS", 20)  # several kernel calls
+    qs = [x.to(torch.bfloat16) for x in [torch.zeros(2, 16), *ragged(3, 2, 6, 16, seed=14)]]
+    ps = [x.to(torch.bfloat16) for x in [*ragged(6, 3, 15, 16, seed=15), torch.zeros(3, 16)]]
+    queries, pages = scoring._as_token_list(qs, "queries"), scoring._as_token_list(ps, "pages")
+    scores = scoring._max_sim_lik(queries, pages, torch.device("cpu"), torch.bfloat16)
+    torch.testing.assert_close(scores, max_sim_reference(qs, ps), rtol=0, atol=1e-4)

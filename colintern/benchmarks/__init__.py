@@ -11,6 +11,7 @@ and one line in `SUBBENCHMARKS` below.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import platform
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from colintern.utils import atomic_write_json
 
 SUBBENCHMARKS: dict[str, str] = {
     # name -> module; modules are imported only when their benchmark runs
+    "scoring": "colintern.benchmarks.scoring",
+    "encode": "colintern.benchmarks.encode",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
@@ -38,11 +41,12 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    for package in ("colpali_engine", "mteb", "peft"):
+    # versions from the installed metadata: importing colpali-engine and mteb takes ~10 s each
+    for key, distribution in (("colpali_engine", "colpali-engine"), ("mteb", "mteb"), ("peft", "peft")):
         try:
-            info[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - a version is nice to have, never required
-            info[package] = None
+            info[key] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            info[key] = None
     return info
 
 

@@ -1,0 +1,54 @@
+"""The encode benchmark runs on tiny inputs and writes its JSON; --full-size runs its code path on a scaled-down spec."""
+
+import json
+
+import torch
+
+from colintern.benchmarks.encode import EncodeRun, benchmark_encode
+from colintern.benchmarks.full_size import InternVLSpec
+from scripts.benchmark import build_parser
+from scripts.benchmark import main as benchmark_main
+
+
+def test_quick_encode_benchmark_writes_throughput_per_batch_size(tmp_path, tiny_model_dir, small_synthdocs_dir):
+    args = build_parser().parse_args([
+        "encode", "--quick", "--model", str(tiny_model_dir), "--dataset", str(small_synthdocs_dir),
+        "--device", "cpu", "--output-dir", str(tmp_path),
+    ])
+    assert benchmark_main(args) == 0
+    result = json.loads((tmp_path / "encode.json").read_text())
+    assert [row["batch_size"] for row in result["pages"]] == [1, 4]
+    assert [row["batch_size"] for row in result["queries"]] == [1, 8]
+    for row in result["pages"]:
+        assert row["pages_per_second"] > 0 and row["reference_per_second"] > 0
+        assert row["speedup_vs_mteb_colpali_wrapper"] > 0 and row["model_tflops_per_second"] > 0
+    assert result["tiles_per_page"] == 1 and result["forward_gflop_per_page"] > 0
+    assert result["best_pages_per_second"] == max(r["pages_per_second"] for r in result["pages"])
+
+
+def test_full_size_path_runs_on_a_scaled_down_spec():
+    spec = InternVLSpec.tiny()  # 56px tiles of 14px patches: 4 image tokens per tile
+    plan = EncodeRun(
+        full_size=True, full_size_spec=spec, device="cpu", n_pages=3, n_queries=3, page_batch_sizes=(2,),
+        query_batch_sizes=(3,), repeats=1, reference=False, page_size=(112, 150), peak_tflops=1.0,
+    )
+    figures = benchmark_encode(plan)
+    assert figures["model"]["architecture"].startswith("InternVL3.5-1B")
+    assert figures["model"]["spec"]["tokens_per_tile"] == 4
+    assert figures["tiles_per_page"] > 1 and figures["dtype"] == "float32" and figures["attn_implementation"] == "sdpa"
+    page_row = figures["pages"][0]
+    assert page_row["pages_per_second"] > 0 and 0 < page_row["mfu"] and page_row["mfu_end_to_end"] <= page_row["mfu"]
+    assert figures["queries"][0]["queries_per_second"] > 0
+
+
+def test_default_spec_is_the_internvl3_5_1b_shape():
+    from colintern.benchmarks.full_size import build_config
+
+    spec = InternVLSpec()
+    assert spec.tokens_per_tile == 256 and spec.patches_per_tile == 1024
+    with torch.device("meta"):
+        from transformers.models.internvl import InternVLModel
+
+        model = InternVLModel(build_config(spec, image_token_id=151667))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 0.85e9 < n_params < 0.95e9  # 0.91B: InternViT-300M + Qwen3-0.6B (tied embeddings), no LM head
