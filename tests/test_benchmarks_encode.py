@@ -1,4 +1,4 @@
-"""The encode benchmark runs on tiny inputs and writes its JSON; --full-size runs its code path on a scaled-down spec."""
+"""The encode benchmark runs on tiny inputs and writes its JSON; the --full-size code path runs on a tiny spec."""
 
 import json
 

@@ -43,6 +43,7 @@ class EncodeRun:
     page_batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
     query_batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
     device: str | None = None
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
     max_num_visual_tokens: int | None = None
     repeats: int = 2
     reference: bool = True  # also time mteb's ColPaliEngineWrapper on the same model
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--query-batch-sizes", type=int, nargs="+", default=None, help="query batch sizes (default 1 16 64 256)"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="page token budget (tiling)")
     parser.add_argument("--repeats", type=int, default=default.repeats, help="timed passes per setting; best counts")
     parser.add_argument("--no-reference", action="store_true", help="skip mteb's ColPaliEngineWrapper")
@@ -85,6 +87,7 @@ def _plan_from_args(args: argparse.Namespace) -> EncodeRun:
         model=args.model,
         dataset=args.dataset,
         device=args.device,
+        threads=args.threads,
         max_num_visual_tokens=args.max_num_visual_tokens,
         repeats=args.repeats,
         reference=not args.no_reference and not args.full_size,
@@ -201,6 +204,8 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     from colintern.retrieval import encode_pages, encode_queries
 
     device = torch.device(plan.device or default_device())
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     if plan.full_size:
         from colintern.benchmarks.full_size import build_model, build_processor, describe
 
@@ -262,10 +267,8 @@ def benchmark_encode(plan: EncodeRun) -> dict:
                 if reference is not None:
                     best_ref = min(best_ref, _time(theirs, device))
             batches: list = []
-            prep = _time(
-                lambda: batches.extend(prepare(list(items[i : i + batch_size])) for i in range(0, len(items), batch_size)),
-                device,
-            )
+            starts = range(0, len(items), batch_size)
+            prep = _time(lambda: batches.extend(prepare(list(items[i : i + batch_size])) for i in starts), device)
             model_seconds = _model_only_seconds(model, batches, device)
             row = {
                 "batch_size": batch_size,
@@ -292,6 +295,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
         "parameters": n_params,
         "device": str(device),
         "device_name": device_name,
+        "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": attn,
         "n_pages": len(pages),
@@ -368,9 +372,9 @@ def encode_table(figures: dict) -> str:
     from colintern.benchmarks.measure import format_table
 
     out = [
-        f"Encoding on {figures['device_name'] or figures['device']} ({figures['dtype']}, {figures['attn_implementation']}), "
-        f"{figures['parameters'] / 1e6:.1f}M parameters, {figures['tiles_per_page']} tiles / "
-        f"{figures['tokens_per_page']} tokens per page"
+        f"Encoding on {figures['device_name'] or figures['device']} ({figures['dtype']}, "
+        f"{figures['attn_implementation']}), {figures['parameters'] / 1e6:.1f}M parameters, "
+        f"{figures['tiles_per_page']} tiles / {figures['tokens_per_page']} tokens per page"
     ]
     for kind in ("pages", "queries"):
         rows = figures[kind]

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DESCRIPTION = "MaxSim scoring: colintern vs colpali-engine's score_multi_vector and mteb's max_sim (time, memory, ranks)"
+DESCRIPTION = "MaxSim: colintern vs colpali-engine's score_multi_vector and mteb's max_sim (time, memory, rankings)"
 IMPLEMENTATIONS = ("colintern", "colpali_engine", "mteb")
 TARGET_SPEEDUP = 3.0
 TARGET_OVERLAP = 0.99
@@ -93,8 +93,7 @@ def make_inputs(config: ScoringInputsConfig) -> tuple[list, list, list[int]]:
             noise = F.normalize(tokens[:n_matched], dim=-1) * config.match_noise
             tokens[:n_matched] = source[rows] + noise
         queries.append(F.normalize(tokens, dim=-1).to(dtype))
-        # fp32 copies are dropped as we go; only the 16-bit inputs stay resident
-    del pages_fp32
+    del pages_fp32  # only the 16-bit inputs stay resident (the workers measure memory after this)
     return queries, pages, targets
 
 
@@ -110,7 +109,11 @@ def load_scorer(name: str):
         def details(device):
             import torch
 
-            return {"backend": "late-interaction-kernels" if lik_available(torch.device(device)) else "torch"}
+            lik = lik_available(torch.device(device))
+            return {
+                "backend": "late-interaction-kernels" if lik else "torch",
+                "compute_dtype": "float32" if device == "cpu" else "input dtype (16-bit GEMM, float32 sums)",
+            }
 
         return score, details
     if name == "colpali_engine":
@@ -123,7 +126,11 @@ def load_scorer(name: str):
         def details(device):
             backend = os.environ.get("COLPALI_SCORES_BACKEND", "auto")
             lik = _lik_backend.is_available() and device.startswith("cuda")
-            return {"COLPALI_SCORES_BACKEND": backend, "backend": "late-interaction-kernels" if lik else "torch einsum"}
+            return {
+                "COLPALI_SCORES_BACKEND": backend,
+                "backend": "late-interaction-kernels" if lik else "torch einsum",
+                "compute_dtype": "input dtype (einsum, amax and sum in 16 bits for 16-bit inputs)",
+            }
 
         return score, details
     if name == "mteb":
@@ -132,7 +139,7 @@ def load_scorer(name: str):
         def score(queries, pages, device):
             return mteb_max_sim(queries, pages)  # mteb picks the device itself (the inputs' device here)
 
-        return score, lambda device: {"backend": "torch einsum (float32 upcast)"}
+        return score, lambda device: {"backend": "torch einsum", "compute_dtype": "float32 (upcasts 16-bit inputs)"}
     raise ValueError(f"unknown implementation {name!r}; known: {IMPLEMENTATIONS}")
 
 
@@ -170,7 +177,7 @@ def measure_implementation(
         "peak_memory_bytes": max((p for p in peaks if p is not None), default=None),
         "memory_method": method,
         "threads": torch.get_num_threads(),
-        "score_dtype": str(scores.dtype).removeprefix("torch."),
+        "returned_dtype": str(scores.dtype).removeprefix("torch."),
         **details(device),
         **({"time_by_operator": breakdown} if breakdown else {}),
     }
