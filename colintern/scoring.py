@@ -15,8 +15,8 @@ How it is computed (the (queries, pages, query tokens, page tokens) tensor is ne
     and on a shared machine each meeting waits for a descheduled thread (measured on 2 shared cores: 2^19-value
     blocks ran at 11-14 GFLOP/s, 2^24-value blocks at 80; on one thread, block sizes from 2^21 to 2^25 values
     change the CPU time by under 10%).
-  * A chunk's pages are copied, and cast to the compute dtype, by one `torch.cat` into a preallocated (pages x
-    longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a duplicate
+  * A chunk's pages are gathered by one `torch.cat` and cast to the compute dtype by one copy into a preallocated
+    (pages x longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a duplicate
     cannot change a max, so no -inf masking pass is needed and the result stays exact.
   * Per block: one GEMM into a preallocated buffer, an amax over the page-token axis of its (rows, pages, tokens)
     view, and a segment sum of the per-token maxima into their queries (`index_add_`).
@@ -39,8 +39,12 @@ LIK_CHUNK_TOKENS = 1 << 22
 BACKENDS = ("auto", "torch", "lik")
 
 
-def _as_token_list(embeddings: Embeddings, name: str) -> list[torch.Tensor]:
-    """Ragged list of (n_i, dim) tensors with all-zero (absent) tokens removed."""
+def _as_token_list(embeddings: Embeddings, name: str, strip: bool = True) -> list[torch.Tensor]:
+    """Ragged list of (n_i, dim) tensors with all-zero (absent) tokens removed.
+
+    A padded tensor is always stripped (one pass over the whole tensor gives the true lengths). `strip=False` leaves
+    list items as they are, for callers that deal with absent tokens themselves, in fewer, larger operations.
+    """
     if isinstance(embeddings, torch.Tensor):
         if embeddings.ndim != 3:
             raise ValueError(f"{name}: expected a (n, tokens, dim) tensor or a list of (tokens, dim) tensors")
@@ -56,6 +60,9 @@ def _as_token_list(embeddings: Embeddings, name: str) -> list[torch.Tensor]:
     for item in items:
         if item.ndim != 2:
             raise ValueError(f"{name}: each item must be (tokens, dim), got shape {tuple(item.shape)}")
+        if not strip:
+            out.append(item)
+            continue
         present = item.any(dim=-1)  # a token is present when any component is non-zero
         out.append(item if bool(present.all()) else item[present])
     dims = {t.shape[-1] for t in out}
@@ -102,8 +109,8 @@ def max_sim(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    queries = _as_token_list(qs, "queries")
-    pages = _as_token_list(ps, "pages")
+    queries = _as_token_list(qs, "queries", strip=False)  # absent tokens are handled by the implementations
+    pages = _as_token_list(ps, "pages", strip=False)
     if queries[0].shape[-1] != pages[0].shape[-1]:
         raise ValueError(f"query dim {queries[0].shape[-1]} != page dim {pages[0].shape[-1]}")
     if device is None:
@@ -120,7 +127,7 @@ def max_sim(
             "16-bit embeddings; use backend='auto' to fall back to the torch implementation."
         )
     if backend != "torch" and use_lik:
-        return _max_sim_lik(queries, pages, device, dtype)
+        return _max_sim_lik(_strip_absent(queries), _strip_absent(pages), device, dtype)
     return _max_sim_torch(queries, pages, device, dtype, max(1, int(chunk_elements)))
 
 
@@ -131,6 +138,8 @@ def _max_sim_torch(
     dtype: torch.dtype,
     chunk_elements: int,
 ) -> torch.Tensor:
+    """Chunked-GEMM MaxSim. Absent (all-zero) tokens may still be in `queries` and `pages`: they are found once over
+    all query tokens and once per page chunk (a few large operations rather than two per page)."""
     n_queries, n_pages, dim = len(queries), len(pages), pages[0].shape[-1]
     scores = torch.empty(n_queries, n_pages, dtype=torch.float32)
 
@@ -138,14 +147,20 @@ def _max_sim_torch(
     q_lengths = torch.tensor([len(q) for q in queries])
     q_tokens = torch.cat(queries).to(device=device, dtype=dtype)
     owner = torch.repeat_interleave(torch.arange(n_queries), q_lengths).to(device)
+    present = q_tokens.any(dim=1)
+    if not bool(present.all()):
+        q_tokens, owner = q_tokens[present], owner[present]
     total_q_tokens = q_tokens.shape[0]
 
     p_lengths = [len(p) for p in pages]
     empty = [i for i, length in enumerate(p_lengths) if length == 0]
     scores[:, empty] = float("-inf")
     order = sorted((i for i in range(n_pages) if p_lengths[i] > 0), key=p_lengths.__getitem__)
-    if not order or total_q_tokens == 0:
-        scores[:, order] = 0.0
+    if not order:
+        return scores
+    if total_q_tokens == 0:  # no query has a token: 0 against every page that has one
+        for i in order:
+            scores[:, i] = 0.0 if bool(pages[i].any()) else float("-inf")
         return scores
 
     # Block sizes: query tokens per block, then page tokens per chunk (at least one page; lengths ascend along
@@ -166,6 +181,12 @@ def _max_sim_torch(
 
     # Preallocated buffers, reused by every chunk (fresh allocations of this size would page-fault on each use).
     page_buffer = torch.empty(max_chunk_tokens * dim, dtype=dtype, device=device)
+    # Pages in another dtype or on another device are gathered there first: a same-dtype cat is one operation, a
+    # casting one is one copy per page (each a parallel region that may wait for a thread on a busy machine).
+    source = pages[0]
+    staging = None
+    if source.dtype != dtype or source.device != device:
+        staging = torch.empty(max_chunk_tokens * dim, dtype=source.dtype, device=source.device)
     sim_buffer = torch.empty(min(q_block, total_q_tokens) * max_chunk_tokens, dtype=dtype, device=device)
     best_buffer = torch.empty(min(q_block, total_q_tokens) * max_chunk_pages, dtype=dtype, device=device)
     chunk_scores = torch.empty(n_queries, max_chunk_pages, dtype=torch.float32, device=device)
@@ -179,10 +200,14 @@ def _max_sim_torch(
             pieces.append(page)
             if len(page) < length:  # pad with the page's own last token: the max over its tokens is unchanged
                 pieces.append(page[-1:].expand(length - len(page), dim))
-        if all(piece.device == device for piece in pieces):
-            torch.cat(pieces, out=page_matrix)  # one op: gathers, pads and casts into the buffer
+        if staging is None:
+            torch.cat(pieces, out=page_matrix)  # gathers and pads into the buffer
         else:
-            page_matrix.copy_(torch.cat(pieces))  # gather on the pages' device, then one transfer + cast
+            staged = staging[: n * length * dim].view(n * length, dim)
+            torch.cat(pieces, out=staged)
+            page_matrix.copy_(staged)  # one cast (and transfer) for the chunk
+        present = page_matrix.any(dim=1)
+        empty_pages = None if bool(present.all()) else _fill_absent_tokens(page_matrix.view(n, length, dim), present)
         page_matrix_t = page_matrix.T  # (dim, chunk tokens)
         out = chunk_scores[:, :n].zero_()
         for q_start in range(0, total_q_tokens, q_block):
@@ -192,8 +217,30 @@ def _max_sim_torch(
             best = best_buffer[: rows * n].view(rows, n)
             torch.amax(sim.view(rows, n, length), dim=-1, out=best)  # (block tokens, pages)
             out.index_add_(0, owner[q_start : q_start + rows], best.float())
+        if empty_pages is not None:
+            out[:, empty_pages] = float("-inf")
         scores[:, chunk] = out.cpu()
     return scores
+
+
+def _fill_absent_tokens(padded: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Overwrite absent (all-zero) tokens of each page in `padded` (pages, tokens, dim) with a copy of one of that
+    page's present tokens, which cannot change its max; return the mask of pages with no token at all."""
+    n, length, _ = padded.shape
+    present = present.view(n, length)
+    first_present = present.to(torch.uint8).argmax(dim=1)  # 0 where a page has none (then all its rows are 0)
+    fill = padded[torch.arange(n, device=padded.device), first_present]  # (pages, dim)
+    padded.copy_(torch.where(present[..., None], padded, fill[:, None, :]))
+    return ~present.any(dim=1)
+
+
+def _strip_absent(items: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Items without their absent (all-zero) tokens."""
+    out = []
+    for item in items:
+        present = item.any(dim=-1)
+        out.append(item if bool(present.all()) else item[present])
+    return out
 
 
 def _max_sim_lik(

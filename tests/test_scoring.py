@@ -124,3 +124,23 @@ def test_late_interaction_kernels_route_packs_chunks_and_handles_empty_inputs(mo
     queries, pages = scoring._as_token_list(qs, "queries"), scoring._as_token_list(ps, "pages")
     scores = scoring._max_sim_lik(queries, pages, torch.device("cpu"), torch.bfloat16)
     torch.testing.assert_close(scores, max_sim_reference(qs, ps), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_elements", [50, 1 << 24])
+def test_absent_tokens_inside_list_pages_are_ignored_across_chunks(chunk_elements):
+    """List inputs keep their zero rows until the chunk is built; they must never win a max nor count as tokens."""
+    generator = torch.Generator().manual_seed(16)
+    qs = [x.abs() for x in ragged(4, 2, 6, 8, seed=17)]
+    clean = ragged(10, 2, 12, 8, seed=18, negative=True)
+    holey = []
+    for page in clean:
+        rows = list(page)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            rows.insert(int(torch.randint(0, len(rows) + 1, (1,), generator=generator)), torch.zeros(8))
+        holey.append(torch.stack(rows))
+    holey += [torch.zeros(3, 8), torch.zeros(0, 8)]
+    expected = max_sim_reference(qs, [*clean, torch.zeros(0, 8), torch.zeros(0, 8)])
+    scores = max_sim(qs, holey, chunk_elements=chunk_elements)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert torch.isinf(scores[:, -2:]).all() and (scores[:, :-2] < 0).all()
+    assert torch.isinf(max_sim(qs, [torch.zeros(0, 8)])).all()

@@ -38,10 +38,10 @@ class EncodeRun:
 
     model: str = "embedded:tiny-internvl3_5"
     dataset: str = "embedded:synthdocs"
-    n_pages: int = 256
-    n_queries: int = 512
-    page_batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
-    query_batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
+    n_pages: int = 128
+    n_queries: int = 256
+    page_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    query_batch_sizes: tuple[int, ...] = (1, 32, 128)
     device: str | None = None
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     max_num_visual_tokens: int | None = None
@@ -59,11 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = EncodeRun()
     parser.add_argument("--model", default=default.model, help="checkpoint (ignored with --full-size)")
     parser.add_argument("--dataset", default=default.dataset, help="SynthDocs folder or alias for pages and queries")
-    parser.add_argument("--pages", type=int, default=None, help="pages to encode (default 256; 64 with --full-size)")
-    parser.add_argument("--queries", type=int, default=None, help="queries to encode (default 512)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="page batch sizes (default 1 4 16 64)")
+    parser.add_argument("--pages", type=int, default=None, help="pages to encode (default 128; 64 with --full-size)")
+    parser.add_argument("--queries", type=int, default=None, help="queries to encode (default 256)")
     parser.add_argument(
-        "--query-batch-sizes", type=int, nargs="+", default=None, help="query batch sizes (default 1 16 64 256)"
+        "--batch-sizes", type=int, nargs="+", default=None, help="page batch sizes (default 1 8 32; 1 4 8 16 32 full)"
+    )
+    parser.add_argument(
+        "--query-batch-sizes", type=int, nargs="+", default=None, help="query batch sizes (default 1 32 128)"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -98,7 +100,7 @@ def _plan_from_args(args: argparse.Namespace) -> EncodeRun:
         notes=list(args.note),
     )
     if args.full_size:
-        plan.n_pages, plan.page_batch_sizes, plan.query_batch_sizes = 64, (1, 4, 8, 16, 32), (1, 16, 64, 256)
+        plan.n_pages, plan.page_batch_sizes, plan.query_batch_sizes = 64, (1, 4, 8, 16, 32), (1, 32, 128)
     if args.quick:
         plan.n_pages, plan.n_queries, plan.page_batch_sizes, plan.query_batch_sizes = 8, 8, (1, 4), (1, 8)
         plan.repeats = 1
