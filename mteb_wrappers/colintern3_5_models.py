@@ -128,10 +128,9 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         storage_dtype: torch.dtype = torch.float16,
         show_progress: bool = False,
     ) -> ColIntern3_5Wrapper:
-        """Wrap a model already in memory (e.g. during training, to score a validation split). No head check."""
+        """Wrap a model already in memory, e.g. a PeftModel during training (adapters stay active, nothing is
+        merged), to score a validation split. No head check: the caller knows what it trains."""
         wrapper = cls.__new__(cls)
-        if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
-            logger.debug("Wrapping an unmerged PEFT model: adapters stay active, nothing is merged.")
         info = CheckpointInfo(str(model_name), "in-memory", None, None, model_name, revision)
         wrapper.device = next(model.parameters()).device
         wrapper._setup(model, processor, model_meta_for(model, info), storage_dtype, show_progress)
@@ -294,13 +293,21 @@ colintern3_5_1b = ModelMeta(
 )
 
 
+def _run_config_base(run_config: dict | None) -> str | None:
+    """The base model a full checkpoint was trained from, as its colintern_run.json records it."""
+    model = (run_config or {}).get("model")
+    if isinstance(model, dict):
+        model = model.get("name_or_path")
+    return model if isinstance(model, str) else None
+
+
 def model_meta_for(model, info: CheckpointInfo) -> ModelMeta:
     """`colintern3_5_1b` with the values of this checkpoint: name, revision, sizes, training data."""
     n_parameters = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     text_config = model.config.text_config
-    base = info.base_model if info.kind == "adapter" else (info.run_config or {}).get("model")
+    base = info.base_model if info.kind == "adapter" else _run_config_base(info.run_config)
     return colintern3_5_1b.model_copy(
         update={
             "name": info.name,

@@ -23,6 +23,7 @@ from colintern.evaluation.tasks import find_splits
 from colintern.utils import ColinternError
 from mteb_wrappers.colintern3_5_models import ColIntern3_5Wrapper
 from tests.conftest import REPO_ROOT
+from tests.helpers import build_tiny_adapter
 
 VIDORE_V1 = [
     "VidoreArxivQARetrieval",
@@ -73,18 +74,28 @@ def test_script_and_direct_mteb_evaluate_give_the_same_scores(tiny_adapter_dir, 
         assert scores[metric] == pytest.approx(written[metric], abs=1e-9), metric
 
 
-def test_rerun_computes_only_what_is_missing(tiny_adapter_dir, small_synthdocs_dir, own_docs_dir, tmp_path,
-                                             monkeypatch):  # fmt: skip
+@pytest.fixture(scope="module")
+def evaluated(tiny_adapter_dir, small_synthdocs_dir, own_docs_dir, tmp_path_factory):
+    """One evaluation of the tiny adapter on two local tasks; tests copy its output before changing anything."""
+    output_dir = tmp_path_factory.mktemp("evaluated")
     benchmarks = [str(small_synthdocs_dir), str(own_docs_dir)]
-    first = evaluate(str(tiny_adapter_dir), benchmarks, output_dir=tmp_path, batch_size=8, show_progress=False)
-    assert first.computed == ["SynthDocsRetrieval", "MyDocsRetrieval"]
-    synthdocs_file = first.results_dir / "SynthDocsRetrieval.json"
-    stamp = synthdocs_file.stat().st_mtime_ns
-    assert (first.results_dir / "model_meta.json").is_file()
+    summary = evaluate(str(tiny_adapter_dir), benchmarks, output_dir=output_dir, batch_size=8, show_progress=False)
+    return benchmarks, output_dir, summary
 
-    (first.results_dir / "MyDocsRetrieval.json").unlink()  # as if interrupted before the second task finished
+
+def test_rerun_computes_only_what_is_missing(tiny_adapter_dir, evaluated, tmp_path, monkeypatch):
+    benchmarks, output_dir, first = evaluated
+    assert first.computed == ["SynthDocsRetrieval", "MyDocsRetrieval"]
+    assert (first.results_dir / "model_meta.json").is_file()
+    assert all(row.computed and row.pages_per_s > 0 and row.queries_per_s > 0 for row in first.rows)
+    shutil.copytree(output_dir, tmp_path, dirs_exist_ok=True)
+    results_dir = tmp_path / first.results_dir.relative_to(output_dir)
+    synthdocs_file = results_dir / "SynthDocsRetrieval.json"
+    stamp = synthdocs_file.stat().st_mtime_ns
+
+    (results_dir / "MyDocsRetrieval.json").unlink()  # as if interrupted before the second task finished
     second = evaluate(str(tiny_adapter_dir), benchmarks, output_dir=tmp_path, batch_size=8, show_progress=False)
-    assert second.computed == ["MyDocsRetrieval"]
+    assert second.computed == ["MyDocsRetrieval"] and second.results_dir == results_dir
     assert synthdocs_file.stat().st_mtime_ns == stamp
     assert [row.scores for row in second.rows] == [row.scores for row in first.rows]
 
@@ -97,11 +108,11 @@ def test_rerun_computes_only_what_is_missing(tiny_adapter_dir, small_synthdocs_d
     assert "| MyDocsRetrieval " in third.table()
 
 
-def test_changed_data_and_overwrite_recompute(tiny_adapter_dir, own_docs_dir, tmp_path):
+def test_changed_data_and_overwrite_recompute(tiny_adapter_dir, own_docs_dir, evaluated, tmp_path):
+    _, output_dir, _ = evaluated
+    shutil.copytree(output_dir, tmp_path / "res")
     folder = tmp_path / "docs"
-    shutil.copytree(own_docs_dir, folder)
-    first = evaluate(str(tiny_adapter_dir), [str(folder)], output_dir=tmp_path / "res", show_progress=False)
-    assert first.computed == ["MyDocsRetrieval"]
+    shutil.copytree(own_docs_dir, folder)  # same task (task.json) and data in another place: results reused
     again = evaluate(str(tiny_adapter_dir), [str(folder)], output_dir=tmp_path / "res", show_progress=False)
     assert again.computed == []
     forced = evaluate(str(tiny_adapter_dir), [str(folder)], output_dir=tmp_path / "res", overwrite=True,
@@ -116,7 +127,7 @@ def test_changed_data_and_overwrite_recompute(tiny_adapter_dir, own_docs_dir, tm
     assert result["dataset_revision"] == local_retrieval_task(folder).metadata.revision
 
 
-def test_validation_split_and_in_memory_scores(tiny_adapter_dir, small_synthdocs_dir, tmp_path):
+def test_validation_split_and_in_memory_scores(tiny_model_dir, tiny_adapter_dir, small_synthdocs_dir, tmp_path):
     from colintern.loading import load_retriever
 
     summary = evaluate(str(tiny_adapter_dir), [str(small_synthdocs_dir)], splits=["validation"],
@@ -129,7 +140,11 @@ def test_validation_split_and_in_memory_scores(tiny_adapter_dir, small_synthdocs
     model, processor = load_retriever(str(tiny_adapter_dir), device="cpu")
     in_memory = evaluate_in_memory(model, processor, small_synthdocs_dir, split="validation")
     assert in_memory["ndcg_at_5"] == pytest.approx(row.scores["ndcg_at_5"], abs=1e-6)
-    assert model.training is False
+
+    peft_model = build_tiny_adapter(tiny_model_dir, tmp_path / "adapter").train()  # as mid-training: unmerged
+    scores = evaluate_in_memory(peft_model, processor, small_synthdocs_dir, split="validation")
+    assert 0.0 <= scores["ndcg_at_5"] <= 1.0 and "recall_at_100" in scores
+    assert peft_model.training  # the caller's mode is restored
 
 
 def test_untrained_base_is_refused_and_allowed_as_a_baseline(tiny_model_dir, small_synthdocs_dir, tmp_path):
@@ -138,6 +153,14 @@ def test_untrained_base_is_refused_and_allowed_as_a_baseline(tiny_model_dir, sma
     baseline = evaluate(str(tiny_model_dir), [str(small_synthdocs_dir)], output_dir=tmp_path, show_progress=False,
                         allow_untrained_head=True, max_num_visual_tokens=16)  # fmt: skip
     assert baseline.computed == ["SynthDocsRetrieval"] and 0.0 <= baseline.score("SynthDocsRetrieval") <= 1.0
+
+
+def test_synthdocs_by_name_is_the_embedded_test_split():
+    (selection,) = resolve_benchmarks(["SynthDocsRetrieval"])
+    (task,) = selection.tasks
+    assert isinstance(task, SynthDocsRetrieval) and not selection.is_benchmark
+    assert task.metadata.dataset["path"] == "embedded:synthdocs" and list(task.eval_splits) == ["test"]
+    assert task.metadata.main_score == "ndcg_at_5" and task.metadata.category == "t2i"
 
 
 def test_vidore_v1_resolves_to_its_10_tasks():
@@ -204,12 +227,15 @@ def test_unknown_names_and_bad_folders(tmp_path, small_synthdocs_dir):
         local_retrieval_task(folder).load_data()
 
 
-def test_results_table_shows_missing_tasks_as_missing(tiny_adapter_dir, small_synthdocs_dir, tmp_path):
-    summary = evaluate(str(tiny_adapter_dir), [str(small_synthdocs_dir)], output_dir=tmp_path, show_progress=False)
-    rows, averages = results_table(summary.results_dir, [("My suite", ["SynthDocsRetrieval", "MissingRetrieval"])])
+def test_results_table_shows_missing_tasks_as_missing(evaluated):
+    _, _, summary = evaluated
+    suite = [("My suite", ["SynthDocsRetrieval", "MissingRetrieval"])]
+    rows, averages = results_table(summary.results_dir, suite)
     assert [row.task for row in rows] == ["SynthDocsRetrieval"]
-    (suite,) = averages
-    assert (suite.n_tasks, suite.n_total) == (1, 2) and suite.scores == rows[0].scores
+    (average,) = averages
+    assert (average.n_tasks, average.n_total) == (1, 2) and average.scores == rows[0].scores
     table = format_table(rows, averages)
     assert "My suite average**, 1 of 2 tasks" in table and "MissingRetrieval" not in table
     assert f"{100 * rows[0].scores['recall_at_100']:.2f}" in table
+    every_file, _ = results_table(summary.results_dir)  # default: every task file found
+    assert sorted(row.task for row in every_file) == ["MyDocsRetrieval", "SynthDocsRetrieval"]
