@@ -239,3 +239,13 @@ def test_results_table_shows_missing_tasks_as_missing(evaluated):
     assert f"{100 * rows[0].scores['recall_at_100']:.2f}" in table
     every_file, _ = results_table(summary.results_dir)  # default: every task file found
     assert sorted(row.task for row in every_file) == ["MyDocsRetrieval", "SynthDocsRetrieval"]
+
+
+def test_one_task_name_with_two_datasets_is_an_error(tiny_adapter_dir, small_synthdocs_dir, tmp_path):
+    with pytest.raises(ColinternError, match="are both task SynthDocsRetrieval, with different data"):
+        evaluate(str(tiny_adapter_dir), ["SynthDocsRetrieval", str(small_synthdocs_dir)], output_dir=tmp_path)
+    named = tmp_path / "named"
+    shutil.copytree(small_synthdocs_dir, named)
+    (named / "task.json").write_text(json.dumps({"name": "SmallSynthDocs"}))
+    selections = resolve_benchmarks(["SynthDocsRetrieval", str(named)])
+    assert [s.tasks[0].metadata.name for s in selections] == ["SynthDocsRetrieval", "SmallSynthDocs"]

@@ -173,13 +173,21 @@ def download_benchmarks(benchmarks: Sequence[str], splits: Sequence[str] | None 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 def _unique_tasks(selections: Sequence[BenchmarkSelection]) -> list[Any]:
-    seen, tasks = set(), []
+    """Every task once (benchmarks may share tasks); two different datasets under one task name are an error."""
+    seen: dict[str, Any] = {}
     for selection in selections:
         for task in selection.tasks:
-            if task.metadata.name not in seen:
-                seen.add(task.metadata.name)
-                tasks.append(task)
-    return tasks
+            name = task.metadata.name
+            if name not in seen:
+                seen[name] = task
+            elif seen[name].metadata.dataset != task.metadata.dataset:
+                first, second = seen[name].metadata.dataset["path"], task.metadata.dataset["path"]
+                raise ColinternError(
+                    f"{first} and {second} are both task {name}, with different data: their results would overwrite "
+                    f"each other. Evaluate them in separate runs, or name one with a task.json "
+                    '({"name": "..."}) in its folder.'
+                )
+    return list(seen.values())
 
 
 def _needs_run(task, result_file: Path, overwrite: bool) -> tuple[bool, bool]:

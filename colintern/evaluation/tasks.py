@@ -7,7 +7,8 @@ A local retrieval folder holds mteb's retrieval layout as parquet files, either 
     FOLDER/qrels.parquet      query-id (str), corpus-id (str), score (int)
 
 or one subfolder per split (`FOLDER/test/...`, `FOLDER/validation/...`), as SynthDocs writes them. An optional
-`FOLDER/task.json` may give the task a `name` and `description`. `local_retrieval_task(FOLDER)` turns such a folder
+`FOLDER/task.json` may give the task a `name` and `description`; without one, a SynthDocs folder (synthdocs.json) is
+`SynthDocsRetrieval` and any other folder `LocalRetrieval-<parent>-<folder>`. `local_retrieval_task(FOLDER)` turns such a folder
 into an `AbsTaskRetrieval`, so mteb's own evaluation loop, metrics and result files apply unchanged. Its dataset
 revision is a hash of the parquet files: results computed on other data are recomputed, not reused.
 """
@@ -195,7 +196,7 @@ def local_retrieval_task(
         name: task name (default: task.json's `name`, else `LocalRetrieval-<parent>-<folder>`).
     """
     folder = Path(folder).expanduser().resolve()
-    if (folder / "synthdocs.json").is_file() and name is None:
+    if (folder / "synthdocs.json").is_file() and name is None and not (folder / TASK_INFO_FILE).is_file():
         return SynthDocsRetrieval.for_folder(folder, splits)
     split_dirs = find_splits(folder)
     chosen = list(splits) if splits else (["test"] if "test" in split_dirs else sorted(split_dirs))
