@@ -82,6 +82,8 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         storage_dtype: dtype of the stored embeddings (float16: half the memory, ~1e-3 relative error).
         show_progress: progress bars while encoding.
         checkpoint: `describe_checkpoint(model_path)` when the caller has it already (saves hashing the weights).
+        revision: accepted for mteb's loader protocol; a local checkpoint's revision is the hash of its files, a Hub
+            model's the commit it was loaded from.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         storage_dtype: torch.dtype = torch.float16,
         show_progress: bool = True,
         checkpoint: CheckpointInfo | None = None,
-        **_ignored: Any,  # mteb passes loader kwargs such as `revision`
+        revision: str | None = None,
     ):
         from colintern.loading import default_device, load_retriever
 
@@ -239,6 +241,12 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         }
 
 
+def load_colintern3_5(model_name: str, revision: str | None = None, model_path: str | None = None, **kwargs: Any):
+    """The `ModelMeta.loader`: mteb calls it with the model name (and revision); `model_path` (in `loader_kwargs`)
+    says where a local checkpoint lies, otherwise the name is a Hub id."""
+    return ColIntern3_5Wrapper(model_path or model_name, model_name=model_name, **kwargs)
+
+
 def _undecoded(dataset):
     """The dataset with its image column left as bytes/paths, so pages are decoded (and checked) one batch at a time."""
     import datasets
@@ -265,7 +273,7 @@ COLINTERN3_5_1B_EMBEDDING_PARAMETERS = 155_582_464  # token embeddings, 151,936 
 MB = 1024**2
 
 colintern3_5_1b = ModelMeta(
-    loader=ColIntern3_5Wrapper,
+    loader=load_colintern3_5,
     loader_kwargs={},
     name="colintern/colintern3_5-1b",
     revision=None,

@@ -171,6 +171,16 @@ def test_empty_queries_and_similarity(wrapper):
     assert stats["queries"] >= 2 and stats["pages"] >= 3 and stats["pages_per_s"] > 0
 
 
+def test_model_meta_loads_the_same_checkpoint(wrapper):
+    reloaded = wrapper.mteb_model_meta.load_model(device="cpu", show_progress=False)
+    assert isinstance(reloaded, ColIntern3_5Wrapper)
+    assert (reloaded.mteb_model_meta.name, reloaded.mteb_model_meta.revision) == (
+        wrapper.mteb_model_meta.name,
+        wrapper.mteb_model_meta.revision,
+    )
+    assert torch.equal(reloaded.mdl.custom_text_proj.weight, wrapper.mdl.custom_text_proj.weight)
+
+
 def test_untrained_base_model_is_refused_unless_allowed(tiny_model_dir):
     with pytest.raises(ColinternError, match="base model.*--allow-untrained-head"):
         ColIntern3_5Wrapper(str(tiny_model_dir), device="cpu")

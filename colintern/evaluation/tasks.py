@@ -8,9 +8,9 @@ A local retrieval folder holds mteb's retrieval layout as parquet files, either 
 
 or one subfolder per split (`FOLDER/test/...`, `FOLDER/validation/...`), as SynthDocs writes them. An optional
 `FOLDER/task.json` may give the task a `name` and `description`; without one, a SynthDocs folder (synthdocs.json) is
-`SynthDocsRetrieval` and any other folder `LocalRetrieval-<parent>-<folder>`. `local_retrieval_task(FOLDER)` turns such a folder
-into an `AbsTaskRetrieval`, so mteb's own evaluation loop, metrics and result files apply unchanged. Its dataset
-revision is a hash of the parquet files: results computed on other data are recomputed, not reused.
+`SynthDocsRetrieval` and any other folder `LocalRetrieval-<parent>-<folder>`. `local_retrieval_task(FOLDER)` turns
+such a folder into an `AbsTaskRetrieval`, so mteb's own evaluation loop, metrics and result files apply unchanged. Its
+dataset revision is a hash of the parquet files: results computed on other data are recomputed, not reused.
 """
 
 from __future__ import annotations
