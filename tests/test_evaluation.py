@@ -237,8 +237,9 @@ def test_results_table_shows_missing_tasks_as_missing(evaluated):
     table = format_table(rows, averages)
     assert "My suite average**, 1 of 2 tasks" in table and "MissingRetrieval" not in table
     assert f"{100 * rows[0].scores['recall_at_100']:.2f}" in table
-    every_file, _ = results_table(summary.results_dir)  # default: every task file found
+    every_file, _ = results_table(summary.results_dir.parent)  # the model folder; default: every task file
     assert sorted(row.task for row in every_file) == ["MyDocsRetrieval", "SynthDocsRetrieval"]
+    assert every_file[0].as_dict()["ndcg_at_5"] == every_file[0].scores["ndcg_at_5"]
 
 
 def test_one_task_name_with_two_datasets_is_an_error(tiny_adapter_dir, small_synthdocs_dir, tmp_path):

@@ -2,6 +2,7 @@
 
     evaluate(model_path, benchmarks, ...)       score a checkpoint, resuming from earlier result files
     evaluate_in_memory(model, processor, ...)   score a model in memory on a local split (training, Optuna)
+    model_results_dir(model_path, output_dir)   where evaluate() writes a model's result files
     results_table(results_dir)                  NDCG@5 / NDCG@10 / Recall@100 rows + benchmark averages from files
     resolve_benchmarks(names)                   "ViDoRe(v1)", task names, "SynthDocsRetrieval", folders -> mteb tasks
 """
@@ -24,6 +25,7 @@ from colintern.evaluation.runner import (
     ensure_hub_datasets_available,
     evaluate,
     evaluate_in_memory,
+    model_results_dir,
 )
 from colintern.evaluation.tasks import (
     LocalRetrievalTask,
@@ -50,6 +52,7 @@ __all__ = [
     "find_splits",
     "format_table",
     "local_retrieval_task",
+    "model_results_dir",
     "read_task_result",
     "resolve_benchmarks",
     "results_table",

@@ -37,6 +37,18 @@ class TaskScores:
     queries_per_s: float | None = None
     evaluation_time_s: float | None = None
 
+    def as_dict(self) -> dict:
+        """{"task", "split", "ndcg_at_5", "ndcg_at_10", "recall_at_100", "main_score", ...} (fractions)."""
+        return {
+            "task": self.task,
+            "split": self.split,
+            **self.scores,
+            "main_score": self.main_score,
+            "main_metric": self.main_metric,
+            "pages_per_s": self.pages_per_s,
+            "queries_per_s": self.queries_per_s,
+        }
+
 
 @dataclass
 class BenchmarkAverage:
@@ -110,7 +122,8 @@ def results_table(
     """Rows and averages from the mteb result files of one model revision.
 
     Args:
-        results_dir: `{cache}/results/{model}/{revision}`, holding `{Task}.json` files.
+        results_dir: `{cache}/results/{model}/{revision}`, holding `{Task}.json` files (or the model folder above it
+            when it holds a single revision).
         benchmarks: (label, task names) groups to average, in display order; default every task file found, with
             averages for the ViDoRe benchmarks whose tasks are present.
         split: which split's scores to show.
@@ -119,7 +132,7 @@ def results_table(
         (rows, averages). Tasks without a result file are left out of the rows and counted in the averages'
         `n_total` only: a missing task is shown as missing, never as zero.
     """
-    results_dir = Path(results_dir)
+    results_dir = _revision_folder(Path(results_dir))
     files = {p.stem: p for p in sorted(results_dir.glob("*.json")) if p.name != "model_meta.json"}
     if benchmarks is None:
         benchmarks = [(name, [name]) for name in files] + _known_benchmarks(set(files))
@@ -139,6 +152,24 @@ def results_table(
         if len(task_names) > 1:
             averages.append(average(label, present, len(task_names)))
     return list(rows.values()), averages
+
+
+def _revision_folder(path: Path) -> Path:
+    """`path` if it holds task JSON files, else its only revision subfolder."""
+    from colintern.utils import ColinternError
+
+    if not path.is_dir():
+        raise ColinternError(f"{path}: no such results folder.")
+    if any(p.name != "model_meta.json" for p in path.glob("*.json")):
+        return path
+    revisions = [p for p in sorted(path.iterdir()) if p.is_dir() and any(p.glob("*.json"))]
+    if len(revisions) == 1:
+        return revisions[0]
+    if not revisions:
+        raise ColinternError(f"{path} holds no mteb result files ({{Task}}.json).")
+    raise ColinternError(
+        f"{path} holds results of several revisions ({', '.join(p.name for p in revisions)}): pass one of them."
+    )
 
 
 def _known_benchmarks(task_names: set[str]) -> list[tuple[str, list[str]]]:

@@ -252,7 +252,7 @@ def evaluate(
     tasks = _unique_tasks(selections)
     info = describe_checkpoint(str(model_path), model_name=model_name)
     cache = ResultCache(cache_path=Path(output_dir))
-    results_dir = cache.get_task_result_path("x", info.name, info.revision).parent
+    results_dir = cache.get_task_result_path("x", info.name, info.revision).parent  # where mteb writes {Task}.json
     logger.info("Model %s (revision %s): results in %s", info.name, info.revision, results_dir)
 
     plan = {
@@ -307,6 +307,16 @@ def evaluate(
         computed=[task.metadata.name for task in to_run],
         seconds=time.perf_counter() - start,
     )
+
+
+def model_results_dir(
+    model_path: str, output_dir: str | Path = DEFAULT_OUTPUT_DIR, model_name: str | None = None
+) -> Path:
+    """Where `evaluate(model_path, output_dir=...)` writes (or wrote) the model's result files."""
+    from mteb.cache import ResultCache
+
+    info = describe_checkpoint(str(model_path), model_name=model_name)
+    return ResultCache(cache_path=Path(output_dir)).get_task_result_path("x", info.name, info.revision).parent
 
 
 def _load_wrapper(info: CheckpointInfo, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress):
