@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mteb
 import pytest
-from mteb_results import evaluate_local_task, scored_task_result, write_results
 
 from colintern.cli import run
 from colintern.reports.compare import build_comparison, compare_models
@@ -27,6 +26,7 @@ from colintern.reports.results import (
     resolve_result_sets,
 )
 from colintern.utils import ColinternError
+from tests.mteb_results import evaluate_local_task, scored_task_result, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 V1 = list(mteb.get_benchmark("ViDoRe(v1)").tasks)

@@ -16,6 +16,7 @@ import pytest
 from transformers import TrainerState
 
 from colintern.cli import run
+from colintern.config import RunConfig
 from colintern.reports.training import (
     DiagnosisThresholds,
     find_trainer_state,
@@ -109,13 +110,9 @@ def noise(seed: int, scale: float):
     return lambda step: float(table[step])
 
 
-RECIPE = {
-    "model": {"name": "OpenGVLab/InternVL3_5-1B-HF"},
-    "data": {"dataset": "vidore/colpali_train_set"},
-    "training": {"learning_rate": 5e-5, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 4,
-                 "num_train_epochs": 5, "warmup_steps": 25, "loss": "colbert"},
-    "lora": {"r": 32, "alpha": 32},
-}
+# colintern_run.json as colintern's trainer writes it: the published recipe (lr 5e-5, batch 16 x 4 accumulation,
+# 5 epochs, LoRA r=32, ColbertLoss) with a warmup scaled to these 500-step curves.
+RECIPE = RunConfig.from_dict({"training": {"warmup_steps": 25}}).to_dict()
 
 
 @pytest.fixture
@@ -141,6 +138,7 @@ def test_healthy_run_gets_a_clean_bill(healthy_run, tmp_path):
     assert last.loss_end == pytest.approx(0.75, rel=0.05)
     assert all(e.eval_loss is not None for e in report.epochs)
     assert report.settings.effective_batch_size == 64 and report.settings.lora_rank == 32
+    assert report.settings.learning_rate == 5e-5 and report.settings.loss == "colbert" and report.settings.peft
     text = report.to_text()
     assert "HEALTHY" in text and "batch 16/device x 4 accumulation" in text
 
@@ -154,7 +152,7 @@ def test_nan_run_is_a_failure_that_names_the_step_and_the_fix(tmp_path):
     def grad(step):
         return 1.5 if step < 200 else (math.inf if step >= 230 else 1.5 * 4 ** ((step - 190) / 10))
 
-    config = {**RECIPE, "training": {**RECIPE["training"], "learning_rate": 5e-4}}
+    config = RunConfig.from_dict({"training": {"warmup_steps": 25, "lr": 5e-4}}).to_dict()
     run_dir = write_run(tmp_path / "nan", loss, grad_at=grad, peak_lr=5e-4, config=config)
     (run_dir / "checkpoint-200").mkdir()
     report = training_report(run_dir)
