@@ -264,7 +264,7 @@ def read_run_settings(run_dir: str | Path) -> RunSettings:
         return RunSettings()
     values: dict[str, Any] = {}
     for name, keys in _SETTING_KEYS.items():
-        sections = _SETTING_SECTIONS.get(name, ("training", "", "model", "data"))
+        sections = _SETTING_SECTIONS.get(name, ("training", "", "model", "data", "runtime"))
         for section in sections:
             table = config if section == "" else config.get(section)
             if not isinstance(table, dict):
