@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from colintern.evaluation import evaluate
     from colintern.hub import set_offline_mode
     from colintern.reports.compare import compare_models
+    from colintern.reports.results import OTHER_TASKS
     from colintern.reports.training import training_report
     from colintern.training import train
 
@@ -76,9 +77,11 @@ def main(args: argparse.Namespace) -> int:
                        model_name="colintern/demo")
 
     step("5/5 Comparison and training diagnosis",
-         f"python scripts/compare_models.py {out} colpali-v1.3 --plot {out}/comparison.png; "
+         f"python scripts/compare_models.py {out} colpali-v1.3 --benchmarks 'ViDoRe(v1)' 'Other tasks' "
+         f"--plot {out}/comparison.png; "
          f"python scripts/training_report.py --model-path {out}")
-    comparison = compare_models([str(out), "colpali-v1.3"])
+    comparison = compare_models([str(out), "colpali-v1.3"], benchmarks=["ViDoRe(v1)", OTHER_TASKS],
+                                baseline="colintern/tiny-internvl3_5-untrained")
     print(comparison.to_text())
     comparison.plot(out / "comparison.png")
     report = training_report(out)
