@@ -1,6 +1,7 @@
-"""`encode`: pages/s and queries/s of the evaluation path (`colintern.retrieval.encode_pages` / `encode_queries`) at
-several batch sizes, against mteb's `ColPaliEngineWrapper` (the loop mteb runs for colpali-engine models) driving the
-very same model and processor object.
+"""`encode`: pages/s and queries/s of the evaluation path (`colintern.retrieval.encode_pages` / `encode_queries`: pages
+batched by tile count, queries by token count, image tokens kept in 16 bits) at several batch sizes, against mteb's
+`ColPaliEngineWrapper` (the loop mteb runs for colpali-engine models: batches in input order, padded, float32)
+driving the very same model and processor object.
 
 Default: the embedded tiny checkpoint (`embedded:tiny-internvl3_5`, one 128px tile per page) on SynthDocs test pages
 and queries, on the CPU. Per batch size it reports end-to-end throughput of both paths (best of `--repeats`, run
@@ -11,8 +12,8 @@ and model FLOPs utilisation where the accelerator's peak is known.
 
 `--full-size` builds the real InternVL3.5-1B architecture from its numbers with random weights
 (`colintern.benchmarks.full_size`, no download), 448px tiles, bf16 with flash-attention 2 when installed (else SDPA)
-on CUDA, and encodes SynthDocs-style pages rendered at `--page-size` (A4 at 150 dpi by default: 5 tiles + thumbnail
-under the default 1,536-token budget). FLOPs per input follow the formula in `full_size.py`; MFU = model FLOPs/s over
+on CUDA, and encodes SynthDocs-style pages rendered at `--page-size` (A4 portrait at 150 dpi by default: a 1 x 2
+grid + thumbnail = 3 tiles, 768 image tokens, ~2.9 TFLOP per page under the default 1,536-token budget). FLOPs per input follow the formula in `full_size.py`; MFU = model FLOPs/s over
 the model-only time divided by the bf16 peak (end-to-end MFU, preprocessing included, is reported too).
 """
 
