@@ -10,11 +10,12 @@ Conventions:
 
 How it is computed (the (queries, pages, query tokens, page tokens) tensor is never materialised):
   * Pages are sorted by length and cut into chunks; the query tokens of all queries form one matrix, cut into blocks
-    so that a (query block, chunk tokens) similarity block holds at most `chunk_elements` values. Few large blocks
-    beat many cache-sized ones on the CPU: every GEMM and max is a parallel region whose threads meet at its end,
-    and on a shared machine each meeting waits for a descheduled thread (measured on 2 shared cores: 2^19-value
-    blocks ran at 11-14 GFLOP/s, 2^24-value blocks at 80; on one thread, block sizes from 2^21 to 2^25 values
-    change the CPU time by under 10%).
+    so that a (query block, chunk tokens) similarity block holds at most `chunk_elements` values. The CPU default
+    (2^24 values, 64 MB) is the robust choice rather than the fastest on an idle machine: every GEMM and max is a
+    parallel region whose threads meet at its end, and on a busy machine each meeting waits for a descheduled
+    thread, so many small blocks collapse (measured on 2 shared cores under load: 2^20-value blocks 9.5-16 GFLOP/s,
+    2^24-value blocks 23-80), while on an idle machine cache-sized blocks win by about 1.4x (2^20: 117 GFLOP/s,
+    2^24: 83). Pass `chunk_elements=1 << 20` on a dedicated CPU.
   * A chunk's pages are gathered by one `torch.cat` and cast to the compute dtype by one copy into a preallocated
     (pages x longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a duplicate
     cannot change a max, so no -inf masking pass is needed and the result stays exact.

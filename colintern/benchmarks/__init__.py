@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def record(name: str, figures: dict, output_dir: str | Path | None = None, tag: 
     output_dir = Path(output_dir) if output_dir else RESULTS_DIR
     payload = {
         "benchmark": name,
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),  # quoted, so it can be pasted back
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         **figures,
