@@ -31,11 +31,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared like any file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -51,6 +58,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
         if path.exists():
@@ -87,6 +95,8 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "PIL", "matplotlib", "mteb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_library_notices)
     # The libraries' own progress bars for tiny, instant steps (parquet writes, weight loading) are noise;
     # colintern shows its own bars for long work.
     try:
@@ -98,6 +108,11 @@ def setup_logging(verbose: bool = False) -> None:
         datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover - hard dependencies
         pass
+
+
+def _drop_library_notices(record: logging.LogRecord) -> bool:
+    """colpali-engine announces at import, on the root logger, that an optional package (FastPlaid) is missing."""
+    return not (record.name == "root" and str(record.msg).startswith("FastPlaid is not installed"))
 
 
 def cache_dir() -> Path:
