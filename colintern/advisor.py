@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from colintern.config import LM_LINEAR_TARGETS
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ PRESETS: dict[str, str] = {
 }
 
 # LoRA on the language model's linear layers only (the vision tower has q/k/v_proj too; a suffix list would adapt it
-# as well), plus a trainable copy of the projection head - colpali-engine's recipe for ColQwen2/ColPali.
-LM_LORA_TARGET_REGEX = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# as well), plus a trainable copy of the projection head - colpali-engine's recipe, and the trainer's default.
+LM_LORA_TARGET_REGEX = LM_LINEAR_TARGETS
 LORA_MODULES_TO_SAVE = ("custom_text_proj",)
 # A page prompt is `<|im_start|>user\n<img>` + image-context tokens + `</img>`: 5 tokens besides the image's.
 PAGE_PROMPT_TOKENS = 5
@@ -553,6 +554,7 @@ def recommend(
         dtype=dtype,
         autocast=dtype != "float32",
         device=device,
+        world_size=gpu.count,
     )
     fits_plain = max_batch_size(arch, setup.replace(gradient_checkpointing=False), budget, limit=cap)
     fits_checkpointed = max_batch_size(arch, setup.replace(gradient_checkpointing=True), budget, limit=cap)

@@ -22,7 +22,7 @@ the backward pass (all activations + the loss tensors), the backward through the
 vision tower, through the queries (page activations freed, gradients accumulated), and the optimizer step. Autograd
 runs the page branch first (its nodes are newer), so the query activations live until the end.
 
-Validated against measured steps on the CPU (every tensor counted, `colintern.benchmarks.memory`): within -2% ... +9%
+Validated against measured steps on the CPU (every tensor counted, `colintern.benchmarks.memory`): within -4% ... +9.4%
 for the tiny model and for 1B-length pages (results/benchmarks/memory-cpu*.json); the GPU path
 (`scripts/benchmark.py memory --full-size`) compares with torch.cuda.max_memory_allocated.
 
@@ -70,7 +70,13 @@ class TrainingMemorySetup:
         device: "cuda" or "cpu" (dropout keeps a 1-byte mask on CUDA, a full-precision one on the CPU; headroom).
         queries_padded / pages_padded: a padded batch gets a (B, 1, s, s) attention mask, and SDPA then repeats the
             grouped KV heads (transformers uses SDPA's native GQA only without a mask).
-        optimizer: "adamw_fused" (transformers' default; no temporaries) or "adamw_foreach".
+        optimizer: "adamw" (torch.optim.AdamW's default, as colintern's trainer builds it: the multi-tensor
+            implementation on CUDA, whose step allocates a temporary the size of the trainable parameters; a loop over
+            parameters on the CPU) or "adamw_fused" (no temporaries).
+        world_size: data-parallel ranks. The trainer gathers every rank's pages as in-batch negatives, so each
+            device scores its B queries against B * world_size pages.
+        compact_pages: the trainer drops the prompt positions from page embeddings before the loss (MaxSim then runs
+            over the image tokens only).
     """
 
     per_device_batch_size: int = 8
@@ -87,7 +93,9 @@ class TrainingMemorySetup:
     device: str = "cuda"
     queries_padded: bool = True
     pages_padded: bool = True
-    optimizer: str = "adamw_fused"
+    optimizer: str = "adamw"
+    world_size: int = 1
+    compact_pages: bool = True
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -96,8 +104,10 @@ class TrainingMemorySetup:
             raise ValueError(f"finetuning must be one of {FINETUNING_MODES}, got {self.finetuning!r}")
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}")
-        if self.per_device_batch_size < 1 or self.query_tokens < 1:
-            raise ValueError("per_device_batch_size and query_tokens must be at least 1")
+        if self.optimizer not in ("adamw", "adamw_fused"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adamw_fused', got {self.optimizer!r}")
+        if self.per_device_batch_size < 1 or self.query_tokens < 1 or self.world_size < 1:
+            raise ValueError("per_device_batch_size, query_tokens and world_size must be at least 1")
 
     def replace(self, **changes) -> TrainingMemorySetup:
         return dataclasses.replace(self, **changes)
@@ -418,7 +428,15 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
     out_bytes = 4 if setup.uses_autocast else c
     query_activations = lm_activations(lq, setup.queries_padded)
     page_activations = lm_activations(ld, setup.pages_padded)
-    page_activations += out_bytes * arch.embedding_dim * b * ld  # einsum's reshaped copy of the page embeddings
+    # Pages scored in the loss: compacted to their image tokens; every rank's pages (all-gathered) as negatives.
+    loss_page_tokens = tiles * arch.image_seq_length if setup.compact_pages else ld
+    scored_pages = b * setup.world_size
+    # The loss keeps the pages it scores (compacted: a new tensor, the model's output is then released), the other
+    # ranks' gathered pages, and einsum's reshaped copy of all of them.
+    embedding_bytes = out_bytes * arch.embedding_dim
+    if setup.compact_pages:
+        page_activations -= embedding_bytes * b * ld
+    page_activations += embedding_bytes * loss_page_tokens * (2 * scored_pages - b + b * setup.compact_pages)
 
     # -- vision tower
     vision_tokens = tokens["vision_tokens"]
@@ -438,9 +456,10 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
         vision_activations = 0.0
         vision_working_set += pixel_cast  # run under no_grad: nothing is kept
 
-    # -- loss: ColbertLoss's (B, B, Lq, Ld) scores, saved for amax; amax's backward adds a bool mask and a gradient.
+    # -- loss: ColbertLoss's (B, B * world, Lq, Ld) scores, saved for amax; amax's backward adds a bool mask and a
+    # gradient of the same size.
     score_bytes = 4 if setup.uses_autocast else c
-    loss = b * b * lq * ld * (2 * score_bytes + 1)
+    loss = b * scored_pages * lq * loss_page_tokens * (2 * score_bytes + 1)
 
     # -- backward through a layer: on top of the activations still saved, the gradients of the layer's output and
     # input (2h) and of the SwiGLU's three hidden states (3I) - in float32 under LoRA, whose float32 branch promotes
@@ -491,7 +510,12 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             ("vision",),
             f"{tokens['tiles']} tiles" + ("" if full else ", no_grad"),
         ),
-        MemoryPart("MaxSim score tensor (loss)", loss, ("loss",), f"({b}, {b}, {lq}, {ld}) + mask + gradient"),
+        MemoryPart(
+            "MaxSim score tensor (loss)",
+            loss,
+            ("loss",),
+            f"({b}, {scored_pages}, {lq}, {loss_page_tokens}) + mask + gradient",
+        ),
         MemoryPart(
             "backward working set: pages",
             backward_working_set(ld, setup.pages_padded),
@@ -513,7 +537,7 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
         MemoryPart("backward working set: queries", backward_working_set(lq, setup.queries_padded), ("late_backward",)),
         MemoryPart(
             "optimizer step temporaries",
-            trainable_bytes if setup.optimizer == "adamw_foreach" else 0,
+            trainable_bytes if (setup.optimizer == "adamw" and setup.device == "cuda") else 0,
             ("optimizer",),
         ),
     ]

@@ -187,7 +187,10 @@ def test_sizes_of_the_main_parts(one_b):
         3 * lora_and_head
     )
     # ColbertLoss's (B, B, Lq, Ld) float32 scores (autocast outputs are float32) + bool mask + gradient
-    assert estimate.part("MaxSim score tensor (loss)").bytes == 4 * 4 * 64 * one_b.page_tokens * (4 + 4 + 1)
+    # (the trainer compacts pages to their image tokens before the loss)
+    assert estimate.part("MaxSim score tensor (loss)").bytes == 4 * 4 * 64 * one_b.image_tokens_per_page * (4 + 4 + 1)
+    gathered = estimate_peak_memory(one_b, TrainingMemorySetup(per_device_batch_size=4, world_size=8))
+    assert gathered.part("MaxSim score tensor (loss)").bytes == 8 * estimate.part("MaxSim score tensor (loss)").bytes
     assert estimate.part("vision tower working set").bytes > 0
     assert estimate.part("vision activations: pages").bytes == 0  # frozen, run under no_grad
 

@@ -122,12 +122,13 @@ class TensorMemoryTracker(_dispatch_mode_base()):
 
 # ---------------------------------------------------------------------------------------------- one training step
 def _colbert_loss():
-    """colpali-engine's ColbertLoss; where colpali-engine is not installed (the GPU machines), the same computation
-    (its torch backend: einsum scores, amax, sum, length normalisation, cross-entropy at temperature 0.02)."""
+    """The trainer's loss (colintern.training.build_loss: colpali-engine's ColbertLoss); where colpali-engine is not
+    installed (the GPU machines), the same computation (its torch backend: einsum scores, amax, sum, length
+    normalisation, cross-entropy at temperature 0.02)."""
     try:
-        from colpali_engine.loss import ColbertLoss
+        from colintern.training import build_loss
 
-        return ColbertLoss(), "colpali_engine.loss.ColbertLoss"
+        return build_loss("colbert"), "colpali_engine.loss.ColbertLoss (colintern.training.build_loss)"
     except ImportError:
         import torch
         import torch.nn.functional as F
@@ -215,12 +216,15 @@ def synthetic_batch(config, setup: TrainingMemorySetup, query_tokens: int, tiles
 
 
 def make_training_step(model, loss_fn, queries, pages, setup: TrainingMemorySetup):
-    """One optimizer step as transformers' Trainer runs it: under mixed precision, accelerate wraps the forward in
-    torch.autocast and converts outputs to float32 (so the loss runs in float32)."""
+    """One optimizer step as colintern's trainer runs it (ColInternTrainer.compute_loss on transformers' Trainer):
+    under mixed precision, accelerate wraps the forward in torch.autocast and converts outputs to float32, so the
+    loss runs in float32; page embeddings are compacted to their image tokens; torch.optim.AdamW with its defaults."""
     import torch
 
+    from colintern.training import compact_multivectors
+
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=5e-5, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW(parameters, lr=5e-5, weight_decay=0.0)
     autocast = (
         torch.autocast(setup.device, dtype=getattr(torch, setup.dtype))
         if setup.uses_autocast
@@ -233,6 +237,8 @@ def make_training_step(model, loss_fn, queries, pages, setup: TrainingMemorySetu
             page_embeddings = model(**pages)
         if setup.uses_autocast:
             query_embeddings, page_embeddings = query_embeddings.float(), page_embeddings.float()
+        if setup.compact_pages:
+            page_embeddings = compact_multivectors(page_embeddings)
         loss = loss_fn(query_embeddings, page_embeddings)
         loss.backward()
         optimizer.step()
@@ -243,7 +249,7 @@ def make_training_step(model, loss_fn, queries, pages, setup: TrainingMemorySetu
 
 
 def measure_step_peak(step, model, optimizer, inputs, device: str) -> dict:
-    """Peak tensor memory of one call of `step` (bytes), CUDA allocator or MemTracker on the CPU."""
+    """Peak tensor memory of one call of `step` (bytes): the CUDA allocator, or a TensorMemoryTracker on the CPU."""
     import torch
 
     if device == "cuda":
