@@ -394,13 +394,34 @@ def check_launch() -> None:
         )
 
 
-def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
-    """Run (or resume) a training run as configured; see scripts/train.py for the command line."""
+@dataclass
+class PreparedRun:
+    """A Trainer ready to run, with what `train` needs around it."""
+
+    trainer: ColInternTrainer
+    stop: GracefulStop
+    output_dir: Path
+    resume: str | None
+
+
+def build_trainer(
+    config: RunConfig,
+    callbacks: list[TrainerCallback] | None = None,
+    *,
+    scheduler_fn=None,
+    save_checkpoints: bool = True,
+    validate_resume: bool = True,
+) -> PreparedRun:
+    """Model, data, optimizer and Trainer for a run (no training yet).
+
+    `scheduler_fn(optimizer) -> LRScheduler` replaces the configured warm-up/decay schedule (the LR finder's
+    exponential sweep); `save_checkpoints=False` writes no checkpoints and no run files besides the configuration.
+    """
     from colintern.data import build_datasets
 
     check_launch()
     output_dir = Path(config.training.output_dir)
-    resume = resolve_resume(config.training.resume, output_dir)
+    resume = resolve_resume(config.training.resume, output_dir) if validate_resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
@@ -419,7 +440,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     _log_trainable(model)
 
     training = config.training
-    eval_enabled = data.eval_dataset is not None or data.retrieval_eval is not None
+    eval_enabled = (data.eval_dataset is not None or data.retrieval_eval is not None) and bool(training.eval_steps)
     args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
@@ -434,12 +455,12 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         max_grad_norm=training.max_grad_norm,
         bf16=_bf16(config),
         logging_steps=training.logging_steps,
-        eval_strategy="steps" if eval_enabled and training.eval_steps else "no",
+        eval_strategy="steps" if eval_enabled else "no",
         eval_steps=training.eval_steps,
-        save_strategy="steps",
+        save_strategy="steps" if save_checkpoints else "no",
         save_steps=training.save_steps,
         save_total_limit=training.save_total_limit,
-        load_best_model_at_end=bool(training.early_stopping_patience) and eval_enabled,
+        load_best_model_at_end=bool(training.early_stopping_patience) and eval_enabled and save_checkpoints,
         metric_for_best_model=data.best_metric if eval_enabled else None,
         greater_is_better=data.best_metric_greater_is_better if eval_enabled else None,
         seed=training.seed,
@@ -452,13 +473,14 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         train_sampling_strategy="group_by_length" if data.varied_lengths else "random",
         length_column_name=data.length_column,
         ddp_find_unused_parameters=False,
-        save_only_model=False,
         disable_tqdm=False,
     )
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=training.lr, weight_decay=training.weight_decay)
     stop = GracefulStop()
-    all_callbacks = [stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size))]
-    if training.early_stopping_patience:
+    all_callbacks: list[TrainerCallback] = [
+        stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size))
+    ]
+    if training.early_stopping_patience and eval_enabled:
         from transformers import EarlyStoppingCallback
 
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
@@ -466,40 +488,54 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         model=model,
         args=args,
         train_dataset=data.train_dataset,
-        eval_dataset=data.eval_dataset,
+        eval_dataset=data.eval_dataset if eval_enabled else None,
         data_collator=data.collator,
         processing_class=processor,
-        optimizers=(optimizer, None),
+        optimizers=(optimizer, scheduler_fn(optimizer) if scheduler_fn else None),
         callbacks=[*all_callbacks, *(callbacks or [])],
         loss_fn=build_loss(training.loss, training.temperature),
-        retrieval_eval=data.retrieval_eval,
+        retrieval_eval=data.retrieval_eval if eval_enabled else None,
     )
-    if resume:
-        logger.info("Resuming from %s", resume)
+    return PreparedRun(trainer, stop, output_dir, resume)
+
+
+def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+    """Run (or resume) a training run as configured; see scripts/train.py for the command line."""
+    run = build_trainer(config, callbacks)
+    trainer, stop, output_dir = run.trainer, run.stop, run.output_dir
+    if run.resume:
+        logger.info("Resuming from %s", run.resume)
     elif get_last_checkpoint(str(output_dir)):
         logger.warning("%s already has checkpoints; this run starts over. Pass --resume latest to continue.", output_dir)
 
     stop.install()
     started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=run.resume)
     finally:
         stop.uninstall()
     metrics = dict(result.metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - started, 1)
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    metrics["peak_memory_gb"] = peak_memory_gb()
 
     interrupted = stop.requested is not None
     if interrupted:
-        last = get_last_checkpoint(str(output_dir))
         logger.warning("Stopped by %s at step %d. Checkpoint: %s. Continue with --resume latest.",
-                       stop.requested, trainer.state.global_step, last)
+                       stop.requested, trainer.state.global_step, get_last_checkpoint(str(output_dir)))
     else:
         trainer.save_model(str(output_dir))  # adapter (or full model) + processor at the top of the run directory
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     return TrainResult(output_dir, trainer.state.global_step, interrupted, metrics)
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by tensors on CUDA; on the CPU, the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # kB -> GB on Linux
 
 
 def _log_trainable(model) -> None:
@@ -510,6 +546,8 @@ def _log_trainable(model) -> None:
 
 __all__ = [
     "ColInternTrainer",
+    "PreparedRun",
+    "build_trainer",
     "GracefulStop",
     "NonFiniteLossError",
     "TrainResult",

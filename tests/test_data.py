@@ -88,3 +88,43 @@ def test_train_script_reports_bad_data_in_one_line(bad_dataset, colintern_home, 
     assert "Traceback" not in done.stderr
     assert "row 2: unreadable image" in done.stderr and "row 4: empty query" in done.stderr
     assert (tmp_path / "out" / "data_report.json").is_file()
+
+
+def test_mixture_respects_max_samples_and_weights(tmp_path):
+    from colintern.data import load_mixture
+
+    a = write_pairs(tmp_path / "a", [{"query": f"a{i}", "image": {"bytes": png(), "path": None}} for i in range(30)])
+    b = tmp_path / "b"
+    (b / "train").mkdir(parents=True)
+    # source b uses other column names; it is renamed into the common layout
+    features = datasets.Features({"question": datasets.Value("string"), "page": datasets.Image()})
+    datasets.Dataset.from_list([{"question": f"b{i}", "page": {"bytes": png("blue"), "path": None}} for i in range(5)],
+                               features=features).to_parquet(str(b / "train" / "data.parquet"))
+    mixture = [
+        {"dataset": str(a), "max_samples": 20, "weight": 2.0},
+        {"dataset": str(b), "weight": 1.0, "query_column": "question", "image_column": "page"},
+    ]
+    mixed = load_mixture(mixture, "train", "query", "image", seed=0)
+    sources = [q[0] for q in mixed["query"]]
+    assert sources.count("a") == 20 and sources.count("b") == 10  # b resampled up to half of a's share
+    assert set(mixed.column_names) == {"query", "image"}
+    assert load_mixture(mixture, "train", "query", "image", seed=0)["query"] == mixed["query"]
+
+
+def test_quick_test_config_trains_end_to_end(colintern_home, tmp_path):
+    import argparse
+
+    from colintern.config import REPO_ROOT as ROOT
+    from colintern.config import add_config_arguments, config_from_args
+    from colintern.training import train
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(ROOT / "experiments/configs/demo_test.yaml"), "--output-dir",
+                              str(tmp_path / "quick"), "--max-steps", "4", "--eval-steps", "4", "--num-workers", "0",
+                              "--batch-size", "8"])
+    config = config_from_args(args)
+    assert len(config.data.mixture) == 2 and config.preset is None and config.training.lr == 1e-3
+    result = train(config)
+    assert result.global_step == 4
+    assert (tmp_path / "quick" / "model.safetensors").is_file()
