@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 import shutil
 from collections import defaultdict
@@ -467,15 +466,17 @@ class PageRenderer:
         tmp.write_bytes(data)
         tmp.replace(path)
 
-    def render(self, document: Document, pages: list[int], problems: ProblemLog, progress=None) -> dict[int, bytes]:
-        """{page: encoded image} for the 1-based `pages` of `document` (pages that fail are reported and left out)."""
-        out: dict[int, bytes] = {}
+    def render(self, document: Document, pages: list[int], problems: ProblemLog, progress=None) -> dict[int, Path]:
+        """{page: cached image file} for the 1-based `pages` of `document` (pages that fail are reported, left out).
+
+        Pages are not kept in memory: the dataset writers read them back from the cache one batch at a time."""
+        out: dict[int, Path] = {}
         todo = []
         for page in pages:
             key = document.page_hashes[page - 1] if document.kind == "images" else document.sha256
             path = self._cache_path(key, page if document.kind == "pdf" else 0)
             if path.is_file():
-                out[page] = path.read_bytes()
+                out[page] = path
                 self.hits += 1
                 if progress is not None:
                     progress.update(1)
@@ -499,7 +500,7 @@ class PageRenderer:
                                  file=document.id, page=page)
                 else:
                     self._store(path, data)
-                    out[page] = data
+                    out[page] = path
                     self.misses += 1
                 if progress is not None:
                     progress.update(1)
@@ -529,38 +530,65 @@ def _content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def write_parquet_shards(
-    dataset, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES, size_hint: int = 0
+ROWS_PER_ROW_GROUP = 100  # what `datasets` uses for image columns
+
+
+def _image_size(value: Path | bytes) -> int:
+    return value.stat().st_size if isinstance(value, Path) else len(value)
+
+
+def write_image_rows(
+    rows: list[dict], features, folder: Path, image_column: str = "image", name: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[Path]:
-    """`dataset` as data-XXXXX-of-YYYYY.parquet files in `folder` (which must exist), each ~max_shard_bytes at most."""
-    n_shards = max(1, math.ceil(size_hint / max_shard_bytes)) if size_hint else 1
-    n_shards = min(n_shards, max(1, len(dataset)))
+    """Rows whose image is a file (or bytes) as parquet in `folder`, streamed: at most ROWS_PER_ROW_GROUP images are
+    in memory at once. With `name`, one file `<name>.parquet`; else data-XXXXX-of-YYYYY.parquet shards of about
+    `max_shard_bytes` at most (contiguous, in row order)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        row_size = _image_size(row[image_column])
+        if name is None and shards[-1] and size + row_size > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(row)
+        size += row_size
+    schema = features.arrow_schema
     paths = []
-    for index in range(n_shards):
-        shard = dataset.shard(n_shards, index, contiguous=True) if n_shards > 1 else dataset
-        path = folder / f"data-{index:05d}-of-{n_shards:05d}.parquet"
-        shard.to_parquet(str(path))
+    for index, shard in enumerate(shards):
+        path = folder / (f"{name}.parquet" if name else f"data-{index:05d}-of-{len(shards):05d}.parquet")
+        with pq.ParquetWriter(str(path), schema=schema) as writer:
+            for start in range(0, max(1, len(shard)), ROWS_PER_ROW_GROUP):
+                batch = shard[start : start + ROWS_PER_ROW_GROUP]
+                columns = {column: [row[column] for row in batch] for column in features}
+                columns[image_column] = [
+                    {"bytes": v.read_bytes() if isinstance(v, Path) else v, "path": None} for v in columns[image_column]
+                ]
+                writer.write_table(pa.Table.from_pydict(features.encode_batch(columns), schema=schema))
         paths.append(path)
     return paths
 
 
-def _write_train(folder: Path, rows: list[dict], size_hint: int) -> None:
+TRAIN_FEATURES = {
+    "query": "string", "image": "image", "image_filename": "string", "answer": "string", "source": "string",
+    "document": "string", "page": "int32",
+}  # fmt: skip
+
+
+def _features(spec: dict[str, str]):
     import datasets
 
-    features = datasets.Features(
-        {
-            "query": datasets.Value("string"),
-            "image": datasets.Image(),
-            "image_filename": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "source": datasets.Value("string"),
-            "document": datasets.Value("string"),
-            "page": datasets.Value("int32"),
-        }
+    return datasets.Features(
+        {name: datasets.Image() if kind == "image" else datasets.Value(kind) for name, kind in spec.items()}
     )
-    columns = {name: [row[name] for row in rows] for name in features}
+
+
+def _write_train(folder: Path, rows: list[dict]) -> None:
     with atomic_directory(folder) as tmp:
-        write_parquet_shards(datasets.Dataset.from_dict(columns, features=features), tmp, size_hint=size_hint)
+        write_image_rows(rows, _features(TRAIN_FEATURES), tmp)
 
 
 def task_name(source: str) -> str:
@@ -572,26 +600,14 @@ def task_name(source: str) -> str:
 def _write_eval(folder: Path, corpus: list[dict], queries: list[dict], qrels: list[dict], info: dict) -> None:
     import datasets
 
-    tables = {
-        "corpus": datasets.Dataset.from_dict(
-            {"id": [r["id"] for r in corpus], "image": [r["image"] for r in corpus]},
-            features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}),
-        ),
-        "queries": datasets.Dataset.from_dict(
-            {"id": [r["id"] for r in queries], "text": [r["text"] for r in queries]},
-            features=datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")}),
-        ),
-        "qrels": datasets.Dataset.from_dict(
-            {k: [r[k] for r in qrels] for k in ("query-id", "corpus-id", "score")},
-            features=datasets.Features(
-                {"query-id": datasets.Value("string"), "corpus-id": datasets.Value("string"),
-                 "score": datasets.Value("int32")}
-            ),
-        ),
-    }
     with atomic_directory(folder) as tmp:
-        for name, table in tables.items():
-            table.to_parquet(str(tmp / f"{name}.parquet"))
+        write_image_rows(corpus, _features({"id": "string", "image": "image"}), tmp, name="corpus")
+        for name, rows, spec in (
+            ("queries", queries, {"id": "string", "text": "string"}),
+            ("qrels", qrels, {"query-id": "string", "corpus-id": "string", "score": "int32"}),
+        ):
+            columns = {column: [row[column] for row in rows] for column in spec}
+            datasets.Dataset.from_dict(columns, features=_features(spec)).to_parquet(str(tmp / f"{name}.parquet"))
         (tmp / "task.json").write_text(json.dumps(info, indent=2) + "\n")  # the task's name for scripts/evaluate.py
 
 
@@ -692,35 +708,35 @@ def prepare_dataset(config: PrepareConfig) -> PreparedDataset:
     for doc_id in sorted(eval_ids | distractor_ids):
         plan[doc_id] = [p for p in range(1, by_id[doc_id].n_pages + 1) if p not in by_id[doc_id].bad_pages]
     renderer = PageRenderer(config)
-    rendered: dict[tuple[str, int], bytes] = {}
+    rendered: dict[tuple[str, int], Path] = {}
     with tqdm(total=sum(len(p) for p in plan.values()), desc="Rendering pages", unit="page") as progress:
         for doc_id in sorted(plan):
-            for page, data in renderer.render(by_id[doc_id], sorted(plan[doc_id]), problems, progress).items():
-                rendered[(doc_id, page)] = data
+            for page, path in renderer.render(by_id[doc_id], sorted(plan[doc_id]), problems, progress).items():
+                rendered[(doc_id, page)] = path
     _fail_if_strict(config, problems)
 
     # 4. training pairs, in the order of the queries file
     source = config.source or config.documents.resolve().name
     train_rows = []
     for q in queries:
-        data = rendered.get((q.document, q.page))
-        if q.document in train_ids and data is not None:
+        path = rendered.get((q.document, q.page))
+        if q.document in train_ids and path is not None:
             train_rows.append({
-                "query": q.text, "image": {"bytes": data, "path": None},
+                "query": q.text, "image": path,
                 "image_filename": f"{q.document}#page={q.page}", "answer": q.answer, "source": source,
                 "document": q.document, "page": q.page,
             })  # fmt: skip
 
     # 5. the evaluation task: identical pages share one corpus entry (a copy would count as a wrong answer)
     corpus, corpus_ids, page_of_id = [], {}, {}
-    for (doc_id, page), data in sorted(rendered.items(), key=lambda item: (item[0][0], item[0][1])):
+    for (doc_id, page), path in sorted(rendered.items(), key=lambda item: (item[0][0], item[0][1])):
         if doc_id not in eval_ids and doc_id not in distractor_ids:
             continue
-        cid = "p-" + _content_id(data)
+        cid = "p-" + _content_id(path.read_bytes())
         corpus_ids[(doc_id, page)] = cid
         page_of_id.setdefault(cid, []).append(f"{doc_id}#page={page}")
         if len(page_of_id[cid]) == 1:
-            corpus.append({"id": cid, "image": {"bytes": data, "path": None}})
+            corpus.append({"id": cid, "image": path})
     eval_queries, qrels = [], []
     for q in queries:
         if q.document in eval_ids and (q.document, q.page) in corpus_ids:
@@ -735,7 +751,7 @@ def prepare_dataset(config: PrepareConfig) -> PreparedDataset:
     # 6. write (each folder atomically; stale folders from an earlier run with other settings are removed)
     train_dir, eval_dir = config.output_dir / "train", config.output_dir / "eval"
     if train_rows:
-        _write_train(train_dir, train_rows, size_hint=sum(len(r["image"]["bytes"]) for r in train_rows))
+        _write_train(train_dir, train_rows)
     elif train_dir.exists():
         shutil.rmtree(train_dir)
     if eval_queries:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colintern.data import DATA_SUFFIXES, decode_image, load_pairs
-from colintern.documents import normalize_query, write_parquet_shards
+from colintern.documents import MAX_SHARD_BYTES, normalize_query
 from colintern.utils import ColinternError, atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,22 @@ def split_folder(dataset: str, split: str) -> Path | None:
             if files and all(p.suffix == ".parquet" for p in files) and not {"corpus", "queries", "qrels"} <= stems:
                 return folder
     return None
+
+
+def write_parquet_shards(
+    dataset, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES, size_hint: int = 0
+) -> list[Path]:
+    """A `datasets.Dataset` as data-XXXXX-of-YYYYY.parquet files in `folder` (which must exist), each of about
+    `max_shard_bytes` at most (`size_hint`: the data's total size)."""
+    n_shards = max(1, math.ceil(size_hint / max_shard_bytes)) if size_hint else 1
+    n_shards = min(n_shards, max(1, len(dataset)))
+    paths = []
+    for index in range(n_shards):
+        shard = dataset.shard(n_shards, index, contiguous=True) if n_shards > 1 else dataset
+        path = folder / f"data-{index:05d}-of-{n_shards:05d}.parquet"
+        shard.to_parquet(str(path))
+        paths.append(path)
+    return paths
 
 
 def write_with_negatives(dataset, negatives: list[list[int]], column: str, image_column: str, folder: Path) -> None:

@@ -7,7 +7,6 @@ run on it through scripts/train.py and scripts/evaluate.py with the tiny real mo
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -161,12 +160,13 @@ def test_dpi_scales_the_rendering_and_jpeg_is_smaller(prepared, tmp_path):
     from colintern.documents import ProblemLog
 
     pages = renderer.render(documents["gamma.pdf"], [1, 2], ProblemLog())
-    image = Image.open(io.BytesIO(pages[1]))
+    assert all(path.is_relative_to(tmp_path / "o" / ".page-cache") for path in pages.values())
+    image = Image.open(pages[1])
     assert image.format == "JPEG" and image.size == (192, 256)
     png = PageRenderer(PrepareConfig(prepared.documents, prepared.queries, tmp_path / "p", dpi=144))
-    assert len(pages[1]) < len(png.render(documents["gamma.pdf"], [1], ProblemLog())[1])
+    assert pages[1].stat().st_size < png.render(documents["gamma.pdf"], [1], ProblemLog())[1].stat().st_size
     capped = PageRenderer(PrepareConfig(prepared.documents, prepared.queries, tmp_path / "q", dpi=600, max_side=200))
-    assert max(Image.open(io.BytesIO(capped.render(documents["gamma.pdf"], [1], ProblemLog())[1])).size) == 200
+    assert max(Image.open(capped.render(documents["gamma.pdf"], [1], ProblemLog())[1]).size) == 200
 
 
 def test_rerun_reuses_rendered_pages_and_writes_identical_files(prepared, tmp_path):
@@ -199,13 +199,13 @@ def test_csv_queries_and_eval_only(prepared, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- downstream
-def test_demo_preset_trains_on_the_prepared_pairs(prepared, trained_on_prepared):
+def test_demo_preset_trains_on_the_prepared_pairs_with_ndcg_on_the_held_out_documents(prepared, trained_on_prepared):
     assert (trained_on_prepared / "model.safetensors").is_file()
-    assert json.loads((trained_on_prepared / "colintern_run.json").read_text())["data"]["dataset"] == str(
-        prepared.out / "train"
-    )
+    assert json.loads((trained_on_prepared / "colintern_run.json").read_text())["data"]["dataset"] == str(prepared.out)
     data_report = json.loads((trained_on_prepared / "data_report.json").read_text())
     assert data_report["rows"] == prepared.counts["train_pairs"] and data_report["bad_rows"] == 0
+    history = json.loads((trained_on_prepared / "trainer_state.json").read_text())["log_history"]
+    assert any(0.0 <= entry.get("eval_ndcg_at_5", -1) <= 1.0 for entry in history)  # OUT/eval during training
 
 
 def test_evaluate_script_scores_the_prepared_task(prepared, trained_on_prepared, tmp_path):
@@ -223,10 +223,11 @@ def test_evaluate_script_scores_the_prepared_task(prepared, trained_on_prepared,
 
 @pytest.fixture(scope="module")
 def trained_on_prepared(prepared, colintern_home, tmp_path_factory):
+    """The demo preset on OUT (train split OUT/train, evaluation on OUT/eval), 2 steps, through scripts/train.py."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(prepared.out / "train"),
-                                 "--max-steps", "2", "--batch-size", "4", "--num-workers", "0",
-                                 "--output-dir", str(out))
+    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(prepared.out),
+                                 "--eval-split", "eval", "--eval-steps", "2", "--max-steps", "2", "--batch-size", "4",
+                                 "--num-workers", "0", "--output-dir", str(out))
     assert code == 0
     return out
 

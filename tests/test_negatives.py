@@ -173,3 +173,20 @@ def test_negative_ce_trains_on_the_mined_negatives(mined, tmp_path):
     state = json.loads((run / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert losses and all(loss == loss and loss > 0 for loss in losses)  # finite, positive
+
+
+def test_negative_rows_point_into_the_whole_split_when_training_on_a_subsample(mined, tiny_retriever, tmp_path):
+    from colintern.config import RunConfig
+    from colintern.data import build_datasets
+
+    out, _ = mined
+    full = load_pairs(str(out / "train"), "train")
+    config = RunConfig.from_dict({
+        "model": {"name_or_path": "embedded:tiny-internvl3_5", "max_num_visual_tokens": 16},
+        "data": {"dataset": str(out / "train"), "eval_split": None, "max_train_samples": 8, "num_negatives": 2},
+        "training": {"loss": "negative-ce", "output_dir": str(tmp_path)},
+    })  # fmt: skip
+    data = build_datasets(config, tiny_retriever[1])
+    assert len(data.train_dataset) == 8
+    for row in range(len(full)):
+        assert data.collator.page_source[row] == full[row]["image"]
