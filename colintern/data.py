@@ -417,7 +417,7 @@ def _load_training_split(config, split: str) -> tuple[datasets.Dataset, datasets
         whole = load_pairs(data.dataset, split, data.query_column, data.image_column)
         dataset = whole
         if data.max_train_samples is not None and split == data.train_split:
-            dataset = dataset.shuffle(seed=config.training.seed).select(range(min(len(dataset), data.max_train_samples)))
+            dataset = whole.shuffle(seed=config.training.seed).select(range(min(len(whole), data.max_train_samples)))
         return dataset, whole
     mixed = load_mixture(data.mixture, split, data.query_column, data.image_column, config.training.seed)
     return mixed, mixed

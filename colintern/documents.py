@@ -203,7 +203,7 @@ def _pdf_load_problem(data: bytes, error: Exception) -> tuple[str, str]:
     reason = re.search(r"PDFium: (.*?)\)", str(error))
     reason = reason.group(1) if reason else str(error)
     if getattr(error, "err_code", None) == 4 or "password" in reason.lower():  # FPDF_ERR_PASSWORD
-        return "encrypted_pdf", "encrypted (needs a password): decrypt it (`qpdf --decrypt in.pdf out.pdf`) or remove it"
+        return "encrypted_pdf", "encrypted (needs a password): decrypt it (`qpdf --decrypt in.pdf out.pdf`) or drop it"
     # pdfium refuses PDFs without pages as malformed; tell that case apart for a clearer message
     if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Count\s+[1-9]", data):
         return "empty_pdf", "the PDF has no pages"
@@ -432,6 +432,14 @@ def split_documents(
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
+def is_greyscale(image: Image.Image) -> bool:
+    """True when every pixel of an RGB image has R == G == B."""
+    import numpy as np
+
+    pixels = np.asarray(image)
+    return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+
+
 class PageRenderer:
     """Renders document pages to encoded image bytes, through a cache keyed by content hash and settings."""
 
@@ -453,6 +461,10 @@ class PageRenderer:
             scale = self.config.max_side / max(image.size)
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                  Image.Resampling.LANCZOS)
+        if is_greyscale(image):
+            # lossless for a page without colour (black text renders as pure greys): a third of the pixel data,
+            # PNG about half the size and twice as fast to encode (measured on 150-dpi text pages)
+            image = image.convert("L")
         buffer = io.BytesIO()
         if self.config.image_format == "jpeg":
             image.save(buffer, format="JPEG", quality=self.config.jpeg_quality)

@@ -7,6 +7,7 @@ run on it through scripts/train.py and scripts/evaluate.py with the tiny real mo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import shutil
@@ -167,6 +168,18 @@ def test_dpi_scales_the_rendering_and_jpeg_is_smaller(prepared, tmp_path):
     assert pages[1].stat().st_size < png.render(documents["gamma.pdf"], [1], ProblemLog())[1].stat().st_size
     capped = PageRenderer(PrepareConfig(prepared.documents, prepared.queries, tmp_path / "q", dpi=600, max_side=200))
     assert max(Image.open(capped.render(documents["gamma.pdf"], [1], ProblemLog())[1]).size) == 200
+
+
+def test_pages_without_colour_are_stored_as_greyscale_losslessly(tmp_path):
+    from PIL import ImageDraw
+
+    page = Image.new("RGB", (64, 80), "white")
+    ImageDraw.Draw(page).text((4, 4), "grey text", fill=(40, 40, 40))
+    renderer = PageRenderer(PrepareConfig(tmp_path, tmp_path / "q.jsonl", tmp_path / "o"))
+    stored = Image.open(io.BytesIO(renderer._encode(page)))
+    assert stored.mode == "L" and list(stored.convert("RGB").getdata()) == list(page.getdata())
+    page.putpixel((0, 0), (255, 0, 0))
+    assert Image.open(io.BytesIO(renderer._encode(page))).mode == "RGB"
 
 
 def test_rerun_reuses_rendered_pages_and_writes_identical_files(prepared, tmp_path):
