@@ -247,7 +247,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 def apply_overrides(config: RunConfig, data: dict, source: str = "configuration") -> None:
     """Set fields from a nested dict {section: {field: value}}; unknown names are errors, not silently ignored."""
     for key, value in data.items():
-        if key == "base":
+        if key in ("base", "runtime"):  # runtime: where a saved run ran (colintern_run.json), not configuration
             continue
         if key == "preset":
             config.preset = value

@@ -145,6 +145,7 @@ class ColInternTrainer(Trainer):
         else:
             loss = self.loss_fn(queries, all_pages, offset=offset)
         if not torch.isfinite(loss):
+            self._record_non_finite(loss)
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise NonFiniteLossError(
                 f"The loss became {loss.item()} at step {self.state.global_step + 1} (learning rate "
@@ -153,6 +154,16 @@ class ColInternTrainer(Trainer):
                 f"--resume {last or 'latest'}."
             )
         return (loss, (queries, pages)) if return_outputs else loss
+
+    def _record_non_finite(self, loss: torch.Tensor) -> None:
+        """Leave the failure in trainer_state.json, so that scripts/training_report.py can name it."""
+        if not self.model.training or not self.is_world_process_zero():
+            return
+        self.state.log_history.append(
+            {"loss": float(loss.item()), "learning_rate": self._current_lr(), "step": self.state.global_step + 1,
+             "epoch": self.state.epoch, "stopped": "non-finite loss"}
+        )
+        self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
 
     def _current_lr(self) -> float:
         try:
@@ -425,7 +436,11 @@ def build_trainer(
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
-        config.save(output_dir / RUN_CONFIG_FILE)
+        record = config.to_dict()
+        record["runtime"] = runtime_info()
+        from colintern.utils import atomic_write_json
+
+        atomic_write_json(output_dir / RUN_CONFIG_FILE, record)
     if config.training.loss in NEGATIVE_LOSSES and not config.data.negatives_column:
         raise ColinternError(f"--loss {config.training.loss} needs hard negatives: set --negatives-column")
 
@@ -527,6 +542,22 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     return TrainResult(output_dir, trainer.state.global_step, interrupted, metrics)
+
+
+def runtime_info() -> dict:
+    """Where the run ran: recorded next to the configuration (not part of it)."""
+    import platform
+
+    import transformers
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "world_size": world,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def peak_memory_gb() -> float:

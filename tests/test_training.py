@@ -190,6 +190,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home
         train(config, callbacks=[Poison()])
     good = adapter_weights(tmp_path / "nan" / "checkpoint-2")
     assert all(torch.isfinite(v).all() for v in good.values())
+    # the failure is on record for scripts/training_report.py
+    from colintern.reports.training import training_report
+
+    kinds = {finding.kind for finding in training_report(tmp_path / "nan").findings}
+    assert "nan" in kinds
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
