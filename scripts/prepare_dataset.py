@@ -29,7 +29,7 @@ logger = logging.getLogger("prepare_dataset")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pdfs", "--documents", dest="documents", required=True,
+    parser.add_argument("--pdfs", "--documents", dest="documents", required=True, metavar="DIR",
                         help="folder of PDFs and/or page-image folders")
     parser.add_argument("--queries", required=True, help="JSONL or CSV file: query, file, page (1-based), [answer]")
     parser.add_argument("--output-dir", required=True, help="where train/, eval/, report.json and manifest.json go")
