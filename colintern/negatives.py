@@ -304,7 +304,7 @@ def write_with_negatives(dataset, negatives: list[list[int]], column: str, image
     dataset = dataset.add_column(column, negatives, feature=datasets.List(datasets.Value("int64")))
     if isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image())
-    size_hint = sum(f.stat().st_size for f in folder.glob("*.parquet")) if folder.is_dir() else 0
+    size_hint = dataset.data.nbytes  # the arrow table: images dominate, about the size of the parquet files
     with atomic_directory(folder) as tmp:
         if folder.is_dir():  # keep whatever else the folder holds (a README, a data card)
             for other in folder.iterdir():

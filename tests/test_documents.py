@@ -255,3 +255,29 @@ def test_fixture_documents_are_what_the_tests_expect(tmp_path):
     assert len(records) == sum(GOOD_PDFS.values()) + IMAGE_FOLDER[1] + 1
     queries = write_queries(tmp_path / "q.jsonl", records)
     assert len(queries.read_text().splitlines()) == len(records) + 6 + 2
+
+
+def test_an_unreadable_image_keeps_page_numbers_and_distractors_join_the_eval_corpus(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "scan").mkdir(parents=True)
+    colours = ["red", "green", "blue"]
+    for page, colour in enumerate(colours, start=1):
+        Image.new("RGB", (40, 50), colour).save(folder / "scan" / f"{page}.png")
+    (folder / "scan" / "2.png").write_bytes(b"\x89PNG broken")
+    Image.new("RGB", (40, 50), "yellow").save(folder / "cover.png")  # a document nobody asks about
+    Image.new("RGB", (40, 50), "purple").save(folder / "asked.png")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"query": "the blue page", "file": "scan", "page": 3},
+        {"query": "the broken page", "file": "scan", "page": 2},
+        {"query": "the purple page", "file": "asked.png"},
+    ]))  # fmt: skip
+    result = prepare_dataset(PrepareConfig(folder, queries, tmp_path / "out", eval_fraction=0.5, distractors=True,
+                                           seed=0))
+    assert (result.train_documents, result.eval_documents) == (["scan"], ["asked.png"])  # seed 0 puts them so
+    assert sorted(p.kind for p in result.problems) == ["unreadable_image", "unusable_page"]
+    assert result.counts["distractor_documents"] == 1 and result.counts["queries"] == 2
+    (blue,) = read_table(tmp_path / "out" / "train" / "data-00000-of-00001.parquet")
+    assert blue["page"] == 3 and blue["image"].convert("RGB").getpixel((0, 0)) == (0, 0, 255)  # 3.png, not the 3rd
+    corpus = read_table(tmp_path / "out" / "eval" / "corpus.parquet")  # the asked page and the distractor
+    assert sorted(row["image"].convert("RGB").getpixel((0, 0)) for row in corpus) == [(128, 0, 128), (255, 255, 0)]
