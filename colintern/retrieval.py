@@ -1,19 +1,108 @@
-"""Encoding pages and queries in batches, and ranking metrics, shared by evaluation, training and benchmarks."""
+"""Encoding pages and queries in batches, and ranking metrics, shared by evaluation, training and benchmarks.
+
+Pages are batched by tile count: every page in a batch is cut into the same number of tiles, so every sequence has
+the same length and no compute goes to padding (InternVL's dynamic tiling gives a page 1 to `max_patches + 1` tiles,
+256 tokens each on InternVL3.5). Queries are batched by token length for the same reason. Embeddings are returned in
+the caller's order, on the CPU, in 16-bit (`storage_dtype`), as a ragged list of (tokens, dim) tensors.
+
+A page may be given as a PIL image (any mode; `processing.to_rgb` converts it), encoded image bytes, a
+`{"bytes": ..., "path": ...}` dict (the `datasets.Image(decode=False)` form) or a file path. Pages are opened lazily
+(the header only) to plan the batches, and decoded one batch at a time; an unreadable page raises a `ColinternError`
+naming its id.
+"""
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
+
+from colintern.utils import ColinternError
+
+PageInput = Image.Image | bytes | str | Path | Mapping[str, Any]
 
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# ---------------------------------------------------------------------------------------------------- page input
+def open_page(page: PageInput, page_id: Any = None) -> Image.Image:
+    """A PIL image for `page`, opened lazily (size and mode known, pixels not yet decoded).
+
+    Raises:
+        ColinternError naming `page_id` when the page is not an image PIL can identify.
+    """
+    if isinstance(page, Image.Image):
+        return page
+    label = f"page {page_id!r}" if page_id is not None else "a page"
+    try:
+        if isinstance(page, Mapping):
+            if page.get("bytes") is not None:
+                return Image.open(io.BytesIO(page["bytes"]))
+            if page.get("path"):
+                return Image.open(page["path"])
+            raise ColinternError(f"Cannot read {label}: the image has neither bytes nor a path.")
+        if isinstance(page, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(page)))
+        if isinstance(page, (str, Path)):
+            return Image.open(page)
+        if hasattr(page, "shape"):  # an array or tensor: (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4
+            import numpy as np
+
+            array = np.asarray(page.cpu() if hasattr(page, "cpu") else page)
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = array.transpose(1, 2, 0)
+            if array.dtype != np.uint8:
+                array = (np.clip(array, 0, 1) * 255 if array.max() <= 1 else np.clip(array, 0, 255)).astype(np.uint8)
+            return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ColinternError(f"Cannot read {label}: {error}. Replace or remove this page.") from error
+    raise ColinternError(f"Cannot read {label}: unsupported page type {type(page).__name__}.")
+
+
+def load_page(page: PageInput, page_id: Any = None) -> Image.Image:
+    """`page` decoded and converted to RGB (any PIL mode; see `processing.to_rgb`).
+
+    Raises:
+        ColinternError naming `page_id` when the file is truncated, corrupt or not an image.
+    """
+    from colintern.processing import to_rgb
+
+    image = open_page(page, page_id)
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated / corrupt data
+        label = f"page {page_id!r}" if page_id is not None else "a page"
+        raise ColinternError(f"Cannot decode {label}: {error}. Replace or remove this page.") from error
+
+
+def plan_batches(costs: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of at most `batch_size` items that share the same cost (tile count or length).
+
+    Items are sorted by cost (stable, so equal items keep their order); a batch never mixes costs, so no sequence
+    in it is padded. Costs take few distinct values (a page has 1 to max_patches + 1 tiles), so few batches are
+    smaller than `batch_size`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(costs)), key=costs.__getitem__)
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and costs[batches[-1][0]] == costs[index]:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
 @torch.no_grad()
 def encode_queries(
     model,
@@ -23,37 +112,76 @@ def encode_queries(
     progress: bool = False,
     storage_dtype: torch.dtype = torch.float16,
 ) -> list[torch.Tensor]:
-    """Query embeddings as a list of (tokens, dim) CPU tensors in `storage_dtype`, padding removed."""
+    """Query embeddings as a list of (tokens, dim) CPU tensors in `storage_dtype`, padding removed, input order.
+
+    Queries are batched by token count (no padding within a batch). An empty query is embedded from the query
+    prefix and the augmentation tokens alone.
+    """
+    for index, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise ColinternError(f"Query {index} is {type(query).__name__}, not text: give every query as a string.")
     device = _model_device(model)
-    out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="Encoding queries", disable=not progress):
-        batch = processor.process_queries(list(queries[start : start + batch_size])).to(device)
-        embeddings = model(**batch)
-        mask = batch["attention_mask"].bool()
-        out.extend(e[m].to("cpu", storage_dtype) for e, m in zip(embeddings, mask))
-    return out
+    formatted = [processor.format_query(query) for query in queries]
+    lengths = [len(ids) for ids in processor.tokenizer(formatted, add_special_tokens=True)["input_ids"]]
+    out: list[torch.Tensor | None] = [None] * len(queries)
+    for batch in tqdm(plan_batches(lengths, batch_size), desc="Encoding queries", disable=not progress):
+        inputs = processor.process_texts([formatted[i] for i in batch]).to(device)
+        embeddings = model(**inputs)
+        mask = inputs["attention_mask"].bool()
+        for index, embedding, keep in zip(batch, embeddings, mask):
+            out[index] = embedding[keep].to("cpu", storage_dtype)
+    return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def encode_pages(
     model,
     processor,
-    pages: Sequence[Image.Image],
+    pages: Sequence[PageInput],
     batch_size: int = 16,
     progress: bool = False,
     storage_dtype: torch.dtype = torch.float16,
+    page_ids: Sequence[Any] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Page embeddings (image tokens only) as a list of (tokens, dim) CPU tensors in `storage_dtype`."""
+    """Page embeddings (image tokens only) as a list of (n_tiles * tokens_per_tile, dim) CPU tensors, input order.
+
+    Args:
+        pages: PIL images in any mode, image bytes, `{"bytes", "path"}` dicts or paths; any indexable sequence
+            (e.g. a lazy view over a `datasets.Dataset` column), read one batch at a time.
+        batch_size: pages per forward pass; pages in a batch have the same tile count (see `plan_batches`).
+        page_ids: names used in error messages (default: the position).
+        on_batch: called with the number of pages after each batch (progress reporting).
+    """
+    n_pages = len(pages)
+    ids = list(page_ids) if page_ids is not None else list(range(n_pages))
+    if len(ids) != n_pages:
+        raise ValueError(f"{len(ids)} page ids for {n_pages} pages")
+    # Plan from the headers only: `Image.open` reads the size without decoding the pixels.
+    n_tiles = []
+    for index in range(n_pages):
+        page = pages[index]
+        image = open_page(page, ids[index])
+        n_tiles.append(processor.n_tiles(image.size))
+        if image is not page:  # opened here from bytes or a path: release the file now
+            image.close()
     device = _model_device(model)
-    out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(pages), batch_size), desc="Encoding pages", disable=not progress):
-        batch = processor.process_images(list(pages[start : start + batch_size])).to(device)
-        embeddings = model(**batch)
-        keep = processor.get_image_mask(batch) & batch["attention_mask"].bool()
-        out.extend(e[m].to("cpu", storage_dtype) for e, m in zip(embeddings, keep))
-    return out
+    out: list[torch.Tensor | None] = [None] * n_pages
+    with tqdm(total=n_pages, desc="Encoding pages", unit="page", disable=not progress) as bar:
+        for batch in plan_batches(n_tiles, batch_size):
+            images = [load_page(pages[i], ids[i]) for i in batch]
+            inputs = processor.process_images(images).to(device)
+            embeddings = model(**inputs)
+            keep = processor.get_image_mask(inputs) & inputs["attention_mask"].bool()
+            for index, embedding, mask in zip(batch, embeddings, keep):
+                out[index] = embedding[mask].to("cpu", storage_dtype)
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(len(batch))
+    return out  # type: ignore[return-value]
 
 
+# ---------------------------------------------------------------------------------------------------- metrics
 def rank_of(scores: torch.Tensor, index: int) -> int:
     """1-based rank of `scores[index]`, counting ties against it (pessimistic, so ties never flatter a model)."""
     return int((scores >= scores[index]).sum())

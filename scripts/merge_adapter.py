@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from colintern.cli import run
 
@@ -36,9 +37,13 @@ def main(args: argparse.Namespace) -> int:
     prefer_offline_when_unreachable()
     results = None
     if args.results:
-        from colintern.evaluation import results_table  # noqa: PLC0415 - only needed with --results
+        from colintern.evaluation import model_results_dir, results_table  # noqa: PLC0415 - only with --results
 
-        results = results_table(args.results)
+        folder = Path(args.results)
+        if (folder / "results").is_dir():  # an mteb results cache: this adapter's results in it
+            folder = model_results_dir(args.adapter, folder)
+        rows, _averages = results_table(folder)
+        results = [row.as_dict() for row in rows]
     out = merge_adapter(args.adapter, args.output_dir, base_model=args.base_model, dtype=getattr(torch, args.dtype),
                         results=results)
     print(f"Merged checkpoint: {out}")

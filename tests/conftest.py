@@ -46,3 +46,13 @@ def tiny_retriever(tiny_model_dir):
 
     model, processor = load_retriever(str(tiny_model_dir), device="cpu", max_num_visual_tokens=16)
     return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A real PEFT adapter on the tiny checkpoint (LoRA + saved head, weights moved off their init), with processor."""
+    from tests.helpers import build_tiny_adapter
+
+    path = tmp_path_factory.mktemp("adapters") / "tiny-adapter"
+    build_tiny_adapter(tiny_model_dir, path)
+    return path

@@ -1,0 +1,60 @@
+"""Evaluation through mteb: ViDoRe benchmarks, SynthDocs and local task folders, with results in mteb's format.
+
+    evaluate(model_path, benchmarks, ...)       score a checkpoint, resuming from earlier result files
+    evaluate_in_memory(model, processor, ...)   score a model in memory on a local split (training, Optuna)
+    model_results_dir(model_path, output_dir)   where evaluate() writes a model's result files
+    results_table(results_dir)                  NDCG@5 / NDCG@10 / Recall@100 rows + benchmark averages from files
+    resolve_benchmarks(names)                   "ViDoRe(v1)", task names, "SynthDocsRetrieval", folders -> mteb tasks
+"""
+
+from colintern.evaluation.results import (
+    TABLE_METRICS,
+    BenchmarkAverage,
+    TaskScores,
+    format_table,
+    read_task_result,
+    results_table,
+    task_scores,
+)
+from colintern.evaluation.runner import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_OUTPUT_DIR,
+    EvaluationConfig,
+    EvaluationSummary,
+    download_benchmarks,
+    ensure_hub_datasets_available,
+    evaluate,
+    evaluate_in_memory,
+    model_results_dir,
+)
+from colintern.evaluation.tasks import (
+    LocalRetrievalTask,
+    SynthDocsRetrieval,
+    find_splits,
+    local_retrieval_task,
+    resolve_benchmarks,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_OUTPUT_DIR",
+    "TABLE_METRICS",
+    "BenchmarkAverage",
+    "EvaluationConfig",
+    "EvaluationSummary",
+    "LocalRetrievalTask",
+    "SynthDocsRetrieval",
+    "TaskScores",
+    "download_benchmarks",
+    "ensure_hub_datasets_available",
+    "evaluate",
+    "evaluate_in_memory",
+    "find_splits",
+    "format_table",
+    "local_retrieval_task",
+    "model_results_dir",
+    "read_task_result",
+    "resolve_benchmarks",
+    "results_table",
+    "task_scores",
+]

@@ -1,0 +1,219 @@
+"""Score tables from mteb result files: NDCG@5, NDCG@10 and Recall@100 per task, and benchmark averages.
+
+mteb writes one JSON per task, `{cache}/results/{model}/{revision}/{Task}.json`, with
+`scores[split] = [{"hf_subset": ..., "ndcg_at_5": ..., ...}, ...]` (values in [0, 1]). A task's score for a split is
+the mean over its subsets (languages), as mteb's `TaskResult.get_score` computes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TABLE_METRICS: tuple[tuple[str, str], ...] = (
+    ("ndcg_at_5", "NDCG@5"),
+    ("ndcg_at_10", "NDCG@10"),
+    ("recall_at_100", "Recall@100"),
+)
+
+
+@dataclass
+class TaskScores:
+    """One task's scores (fractions in [0, 1]) for one split, plus the encode throughput when computed now."""
+
+    task: str
+    split: str
+    scores: dict[str, float]
+    main_score: float
+    main_metric: str
+    result_file: Path | None = None
+    computed: bool = False  # evaluated in this run (False: read from earlier results)
+    pages_per_s: float | None = None
+    queries_per_s: float | None = None
+    evaluation_time_s: float | None = None
+
+    def as_dict(self) -> dict:
+        """{"task", "split", "ndcg_at_5", "ndcg_at_10", "recall_at_100", "main_score", ...} (fractions)."""
+        return {
+            "task": self.task,
+            "split": self.split,
+            **self.scores,
+            "main_score": self.main_score,
+            "main_metric": self.main_metric,
+            "pages_per_s": self.pages_per_s,
+            "queries_per_s": self.queries_per_s,
+        }
+
+
+@dataclass
+class BenchmarkAverage:
+    """Mean of each metric over a benchmark's tasks that have results (`n_tasks` of `n_total`)."""
+
+    label: str
+    n_tasks: int
+    n_total: int
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_tasks == self.n_total
+
+
+def read_task_result(path: str | Path):
+    """An mteb `TaskResult` from its JSON file."""
+    from mteb.results import TaskResult
+
+    return TaskResult.from_disk(Path(path))
+
+
+def task_scores(result, split: str = "test", result_file: Path | None = None) -> TaskScores:
+    """`TaskScores` of an mteb `TaskResult` for `split` (metrics averaged over subsets)."""
+    if split not in result.scores:
+        raise KeyError(f"{result.task_name} has no results for the {split} split (has: {', '.join(result.scores)})")
+    entries = result.scores[split]
+    metrics = {}
+    for key, _label in TABLE_METRICS:
+        values = [entry[key] for entry in entries if key in entry]
+        metrics[key] = sum(values) / len(values) if values else math.nan
+    main = [entry["main_score"] for entry in entries if "main_score" in entry]
+    main_metric = _main_metric(result.task_name)
+    return TaskScores(
+        task=result.task_name,
+        split=split,
+        scores=metrics,
+        main_score=sum(main) / len(main) if main else math.nan,
+        main_metric=main_metric,
+        result_file=result_file,
+        evaluation_time_s=result.evaluation_time,
+    )
+
+
+def _main_metric(task_name: str) -> str:
+    from colintern.evaluation.tasks import LOCAL_TASKS
+
+    if task_name in LOCAL_TASKS:
+        return LOCAL_TASKS[task_name].metadata.main_score
+    try:
+        import mteb
+
+        return mteb.get_task(task_name).metadata.main_score
+    except Exception:  # noqa: BLE001 - a local folder's task: ndcg_at_5 as for every colintern task
+        return "ndcg_at_5"
+
+
+def average(label: str, rows: Sequence[TaskScores], n_total: int) -> BenchmarkAverage:
+    scores = {}
+    for key, _label in TABLE_METRICS:
+        values = [row.scores[key] for row in rows if not math.isnan(row.scores.get(key, math.nan))]
+        scores[key] = sum(values) / len(values) if values else math.nan
+    return BenchmarkAverage(label=label, n_tasks=len(rows), n_total=n_total, scores=scores)
+
+
+def results_table(
+    results_dir: str | Path,
+    benchmarks: Sequence[tuple[str, Sequence[str]]] | None = None,
+    split: str = "test",
+) -> tuple[list[TaskScores], list[BenchmarkAverage]]:
+    """Rows and averages from the mteb result files of one model revision.
+
+    Args:
+        results_dir: `{cache}/results/{model}/{revision}`, holding `{Task}.json` files (or the model folder above it
+            when it holds a single revision).
+        benchmarks: (label, task names) groups to average, in display order; default every task file found, with
+            averages for the ViDoRe benchmarks whose tasks are present.
+        split: which split's scores to show.
+
+    Returns:
+        (rows, averages). Tasks without a result file are left out of the rows and counted in the averages'
+        `n_total` only: a missing task is shown as missing, never as zero.
+    """
+    results_dir = _revision_folder(Path(results_dir))
+    files = {p.stem: p for p in sorted(results_dir.glob("*.json")) if p.name != "model_meta.json"}
+    if benchmarks is None:
+        benchmarks = [(name, [name]) for name in files] + _known_benchmarks(set(files))
+    rows: dict[str, TaskScores] = {}
+    averages = []
+    for label, task_names in benchmarks:
+        present = []
+        for name in task_names:
+            if name not in rows and name in files:
+                try:
+                    rows[name] = task_scores(read_task_result(files[name]), split, files[name])
+                except KeyError as error:
+                    logger.warning("%s", error)
+                    continue
+            if name in rows:
+                present.append(rows[name])
+        if len(task_names) > 1:
+            averages.append(average(label, present, len(task_names)))
+    return list(rows.values()), averages
+
+
+def _revision_folder(path: Path) -> Path:
+    """`path` if it holds task JSON files, else its only revision subfolder."""
+    from colintern.utils import ColinternError
+
+    if not path.is_dir():
+        raise ColinternError(f"{path}: no such results folder.")
+    if any(p.name != "model_meta.json" for p in path.glob("*.json")):
+        return path
+    revisions = [p for p in sorted(path.iterdir()) if p.is_dir() and any(p.glob("*.json"))]
+    if len(revisions) == 1:
+        return revisions[0]
+    if not revisions:
+        raise ColinternError(f"{path} holds no mteb result files ({{Task}}.json).")
+    raise ColinternError(
+        f"{path} holds results of several revisions ({', '.join(p.name for p in revisions)}): pass one of them."
+    )
+
+
+def _known_benchmarks(task_names: set[str]) -> list[tuple[str, list[str]]]:
+    import mteb
+
+    groups = []
+    for name in ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)"):
+        members = [task.metadata.name for task in mteb.get_benchmark(name).tasks]
+        if task_names & set(members):
+            groups.append((name, members))
+    return groups
+
+
+def _format_score(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _format_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_table(rows: Sequence[TaskScores], averages: Sequence[BenchmarkAverage] = ()) -> str:
+    """A Markdown table: one row per task (scores x100, as on the mteb leaderboard), then the averages."""
+    show_rates = any(row.pages_per_s is not None or row.queries_per_s is not None for row in rows)
+    header = ["Task", *(label for _key, label in TABLE_METRICS)]
+    if show_rates:
+        header += ["pages/s", "queries/s"]
+    lines = [header]
+    for row in rows:
+        line = [row.task, *(_format_score(row.scores.get(key)) for key, _label in TABLE_METRICS)]
+        if show_rates:
+            line += [_format_rate(row.pages_per_s), _format_rate(row.queries_per_s)]
+        lines.append(line)
+    for avg in averages:
+        coverage = "" if avg.complete else f", {avg.n_tasks} of {avg.n_total} tasks"
+        line = [f"**{avg.label} average**{coverage}", *(_format_score(avg.scores.get(k)) for k, _l in TABLE_METRICS)]
+        if show_rates:
+            line += ["", ""]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        cells = [cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line)]
+        out.append("| " + " | ".join(cells) + " |")
+        if index == 0:
+            out.append("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    return "\n".join(out)
