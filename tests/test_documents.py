@@ -222,8 +222,6 @@ def test_demo_preset_trains_on_the_prepared_pairs_with_ndcg_on_the_held_out_docu
 
 
 def test_evaluate_script_scores_the_prepared_task(prepared, trained_on_prepared, tmp_path):
-    if not (REPO_ROOT / "scripts" / "evaluate.py").is_file():
-        pytest.skip("scripts/evaluate.py is not in this checkout yet (evaluation issue)")
     done = run_script("scripts/evaluate.py", "--model-path", str(trained_on_prepared), "--benchmarks",
                       str(prepared.out / "eval"), "--output-dir", str(tmp_path), "--batch-size", "8", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
