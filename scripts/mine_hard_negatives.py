@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--column", default="negatives", help="name of the negatives column (default negatives)")
     parser.add_argument("--query-column", default="query")
     parser.add_argument("--image-column", default="image")
-    parser.add_argument("--duplicate-threshold", type=float, default=0.99,
+    parser.add_argument("--duplicate-threshold", type=float, default=0.995,
                         help="page-to-page similarity at or above which a page counts as a near-duplicate of the "
-                             "positive and is skipped (default 0.99)")
+                             "positive and is skipped (default 0.995)")
     parser.add_argument("--max-positive-ratio", type=float,
                         help="also skip pages scoring above this fraction of the positive's score (e.g. 0.95; "
                              "removes likely false negatives; default off)")

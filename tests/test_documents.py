@@ -212,13 +212,12 @@ def test_csv_queries_and_eval_only(prepared, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- downstream
-def test_demo_preset_trains_on_the_prepared_pairs_with_ndcg_on_the_held_out_documents(prepared, trained_on_prepared):
+def test_demo_preset_trains_on_the_prepared_pairs(prepared, trained_on_prepared):
     assert (trained_on_prepared / "model.safetensors").is_file()
-    assert json.loads((trained_on_prepared / "colintern_run.json").read_text())["data"]["dataset"] == str(prepared.out)
+    run_record = json.loads((trained_on_prepared / "colintern_run.json").read_text())
+    assert run_record["data"]["dataset"] == str(prepared.out / "train")
     data_report = json.loads((trained_on_prepared / "data_report.json").read_text())
     assert data_report["rows"] == prepared.counts["train_pairs"] and data_report["bad_rows"] == 0
-    history = json.loads((trained_on_prepared / "trainer_state.json").read_text())["log_history"]
-    assert any(0.0 <= entry.get("eval_ndcg_at_5", -1) <= 1.0 for entry in history)  # OUT/eval during training
 
 
 def test_evaluate_script_scores_the_prepared_task(prepared, trained_on_prepared, tmp_path):
@@ -234,11 +233,11 @@ def test_evaluate_script_scores_the_prepared_task(prepared, trained_on_prepared,
 
 @pytest.fixture(scope="module")
 def trained_on_prepared(prepared, colintern_home, tmp_path_factory):
-    """The demo preset on OUT (train split OUT/train, evaluation on OUT/eval), 2 steps, through scripts/train.py."""
+    """The demo preset on OUT/train, 2 steps, through scripts/train.py."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(prepared.out),
-                                 "--eval-split", "eval", "--eval-steps", "2", "--max-steps", "2", "--batch-size", "4",
-                                 "--num-workers", "0", "--output-dir", str(out))
+    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(prepared.out / "train"),
+                                 "--max-steps", "2", "--batch-size", "4", "--num-workers", "0",
+                                 "--output-dir", str(out))
     assert code == 0
     return out
 

@@ -85,12 +85,15 @@ def test_page_similarity_is_one_for_a_copy_and_symmetric(tiny_retriever):
     model, processor = tiny_retriever
     first = render_page(PageSpec("red", "blue", "star", "table"), random.Random(0), 96, 128)
     other = render_page(PageSpec("green", "yellow", "circle", "pie chart"), random.Random(1), 96, 128)
-    rescaled = first.resize((90, 120)).resize((96, 128))
-    pages = encode_pages(model, processor, [first, other, rescaled], storage_dtype=torch.float32)
+    buffer = io.BytesIO()
+    first.save(buffer, format="JPEG", quality=90)
+    recompressed = Image.open(buffer).convert("RGB")
+    pages = encode_pages(model, processor, [first, other, recompressed], storage_dtype=torch.float32)
     sim = page_similarity(pages, pages)
     assert torch.allclose(sim.diagonal(), torch.ones(3), atol=1e-4)
     assert torch.allclose(sim, sim.T, atol=1e-5)
-    assert sim[0, 2] > 0.99 > sim[0, 1]  # the re-scaled copy is a near-duplicate; a different page is not
+    threshold = MiningConfig(model_path="m", dataset="d").duplicate_threshold
+    assert sim[0, 2] >= threshold > sim[0, 1]  # the re-compressed copy is a near-duplicate; another page is not
 
 
 # ---------------------------------------------------------------------------------------------------- mining
@@ -123,7 +126,7 @@ def test_negatives_are_the_highest_scoring_other_pages(mined, tiny_retriever):
     scores = max_sim(queries, pages)
     for row, negatives in enumerate(train["negatives"]):
         others = [i for i in scores[row].argsort(descending=True).tolist() if i != row]
-        assert negatives == others[:TOP_K]  # distinct pages, none a near-duplicate at 0.99
+        assert negatives == others[:TOP_K]  # distinct pages, none a near-duplicate at the default threshold
 
 
 def test_a_near_duplicate_of_the_positive_is_never_a_negative(prepared, tiny_retriever):
@@ -162,17 +165,20 @@ def test_output_dir_and_errors(prepared, colintern_home, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def test_negative_ce_trains_on_the_mined_negatives(mined, tmp_path):
+def test_negative_ce_trains_on_the_mined_negatives_with_ndcg_on_the_held_out_documents(mined, tmp_path):
     out, _ = mined
     run = tmp_path / "run"
-    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(out / "train"),
+    # --dataset OUT: the pairs of OUT/train, and OUT/eval (a retrieval split without negatives) for evaluation
+    code = run_script_in_process("scripts/train.py", "--preset", "demo", "--dataset", str(out), "--eval-split", "eval",
                                  "--loss", "negative-ce", "--num-negatives", "2", "--max-steps", "2",
-                                 "--batch-size", "4", "--num-workers", "0", "--logging-steps", "1",
-                                 "--output-dir", str(run))
+                                 "--eval-steps", "2", "--batch-size", "4", "--num-workers", "0", "--logging-steps",
+                                 "1", "--output-dir", str(run))
     assert code == 0
-    state = json.loads((run / "trainer_state.json").read_text())
-    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert losses and all(loss == loss and loss > 0 for loss in losses)  # finite, positive
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses and all(0 < loss < float("inf") for loss in losses)
+    evaluated = [entry for entry in history if "eval_ndcg_at_5" in entry]
+    assert evaluated and 0.0 <= evaluated[-1]["eval_ndcg_at_5"] <= 1.0 and evaluated[-1]["eval_loss"] > 0
 
 
 def test_negative_rows_point_into_the_whole_split_when_training_on_a_subsample(mined, tiny_retriever, tmp_path):
