@@ -30,7 +30,7 @@ IMAGE_SPECIAL_TOKENS = {
     "video_token": "<video>",
 }
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
-BUILD_FORMAT_VERSION = 2  # bump when what `build_tiny_checkpoint` writes changes
+BUILD_FORMAT_VERSION = 3  # bump when what `build_tiny_checkpoint` writes changes
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,23 @@ def build_tiny_checkpoint(output_dir: str | Path, spec: TinyModelConfig = TinyMo
     """Write the tiny base checkpoint (random weights from `spec.seed`) in the Hub's InternVL layout."""
     import torch
     from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
-    from transformers.models.internvl import InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.internvl import InternVLForConditionalGeneration
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    from colintern.processing import ColIntern3_5Processor
 
     output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer(spec.tokenizer_vocab_size)
     config = tiny_internvl_config(spec, len(tokenizer), tokenizer.context_image_token_id, tokenizer.pad_token_id)
     tile = {"height": spec.image_size, "width": spec.image_size}
-    processor = InternVLProcessor(
+    # Saved as InternVLProcessor's files plus the model's visual-token budget (one tile: the tiny model was made
+    # for it); InternVLProcessor.from_pretrained reads the same folder.
+    processor = ColIntern3_5Processor(
         image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=12),
         tokenizer=tokenizer,
         video_processor=InternVLVideoProcessor(size=tile),
         image_seq_length=spec.image_seq_length,
+        max_num_visual_tokens=spec.max_num_visual_tokens,
     )
     torch.manual_seed(spec.seed)
     model = InternVLForConditionalGeneration(config).eval()

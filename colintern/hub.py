@@ -25,14 +25,25 @@ def offline_requested() -> bool:
 
 @lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when a TCP connection to the Hub endpoint ($HF_ENDPOINT) opens within `timeout` seconds."""
+    """True when a TCP connection to the Hub endpoint ($HF_ENDPOINT), or to the HTTPS proxy that requests would go
+    through, opens within `timeout` seconds."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT))
+    proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)),
+                 None)
+    if proxy and not _bypasses_proxy(endpoint.hostname or ""):
+        endpoint = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         with socket.create_connection((endpoint.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def _bypasses_proxy(host: str) -> bool:
+    no_proxy = os.environ.get("NO_PROXY", os.environ.get("no_proxy", ""))
+    return any(host == entry.strip().lstrip(".") or host.endswith("." + entry.strip().lstrip("."))
+               for entry in no_proxy.split(",") if entry.strip())
 
 
 def set_offline_mode() -> None:

@@ -69,11 +69,8 @@ class ColIntern3_5(InternVLModel):  # noqa: N801 - the model family's published 
         """`PreTrainedModel.from_pretrained`, reading every checkpoint layout in `CHECKPOINT_KEY_MAPPING`."""
         kwargs.setdefault("key_mapping", dict(CHECKPOINT_KEY_MAPPING))
         model = super().from_pretrained(*args, **kwargs)
-        if model.head_is_untrained():
-            logger.info(
-                "custom_text_proj is in its initial state (seed %d): a base checkpoint; train it before evaluating.",
-                model.config.head_init_seed,
-            )
+        if model.head_is_untrained():  # expected for a base model (e.g. under an adapter); evaluation checks it
+            logger.debug("custom_text_proj is in its initial state (seed %d).", model.config.head_init_seed)
         return model
 
     # ------------------------------------------------------------------ head initialisation

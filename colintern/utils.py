@@ -95,6 +95,8 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "PIL", "matplotlib", "mteb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_library_notices)
     # The libraries' own progress bars for tiny, instant steps (parquet writes, weight loading) are noise;
     # colintern shows its own bars for long work.
     try:
@@ -106,6 +108,11 @@ def setup_logging(verbose: bool = False) -> None:
         datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover - hard dependencies
         pass
+
+
+def _drop_library_notices(record: logging.LogRecord) -> bool:
+    """colpali-engine announces at import, on the root logger, that an optional package (FastPlaid) is missing."""
+    return not (record.name == "root" and str(record.msg).startswith("FastPlaid is not installed"))
 
 
 def cache_dir() -> Path:
