@@ -19,6 +19,7 @@ from colintern.utils import atomic_write_json
 
 SUBBENCHMARKS: dict[str, str] = {
     # name -> module; modules are imported only when their benchmark runs
+    "render": "colintern.benchmarks.render",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
