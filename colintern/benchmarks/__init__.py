@@ -20,6 +20,7 @@ from colintern.utils import atomic_write_json
 SUBBENCHMARKS: dict[str, str] = {
     # name -> module; modules are imported only when their benchmark runs
     "memory": "colintern.benchmarks.memory",
+    "render": "colintern.benchmarks.render",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
