@@ -318,6 +318,10 @@ ADVISOR_KEYS = {
     "warmup_steps": ("training", "warmup_steps"),
     "lora_rank": ("lora", "rank"),
     "lora_alpha": ("lora", "alpha"),
+    # the advisor's batch assumes these choices, so they travel with it
+    "lora_dropout": ("lora", "dropout"),
+    "gradient_checkpointing": ("training", "gradient_checkpointing"),
+    "max_num_visual_tokens": ("model", "max_num_visual_tokens"),
 }
 
 

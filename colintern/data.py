@@ -197,9 +197,12 @@ def validate_pairs(
     negatives_column: str | None = None,
     tile_counter=None,
     num_threads: int | None = None,
+    negative_rows: int | None = None,
 ) -> tuple[ValidationReport, list[int]]:
     """Check every row: non-empty query text, a decodable non-empty page (and negatives). Returns the report and, per
-    row, the page's tile count (from `tile_counter(width, height)`, 1 when None) for length-grouped batching."""
+    row, the page's tile count (from `tile_counter(width, height)`, 1 when None) for length-grouped batching.
+    `negative_rows`: rows of the split that hard-negative row indices point into (default: len(dataset)); larger
+    when `dataset` is a subsample."""
     check_columns(dataset, query_column, image_column, split)
     report = ValidationReport(split=split, n_rows=len(dataset))
     for row, query in enumerate(dataset[query_column]):
@@ -228,7 +231,7 @@ def validate_pairs(
         for row, negatives in enumerate(dataset[negatives_column]):
             if not negatives:
                 report.problems.append((row, f"no hard negatives in '{negatives_column}'"))
-            elif all(isinstance(n, int) for n in negatives) and max(negatives) >= len(dataset):
+            elif all(isinstance(n, int) for n in negatives) and max(negatives) >= (negative_rows or len(dataset)):
                 report.problems.append((row, f"hard-negative row index out of range ({max(negatives)})"))
     report.problems.sort()
     return report, tiles
@@ -245,13 +248,15 @@ def prepare_split(
     skip_bad_rows: bool,
     tile_counter=None,
     report_path: Path | None = None,
+    negative_rows: int | None = None,
 ) -> datasets.Dataset:
     """Validate a split and return it with the row-index and tile-count columns the collator and sampler use."""
     check_columns(dataset, query_column, image_column, split)
     tiles = [1] * len(dataset)
     if validate:
         report, tiles = validate_pairs(
-            dataset, query_column, image_column, split, negatives_column, tile_counter=tile_counter
+            dataset, query_column, image_column, split, negatives_column, tile_counter=tile_counter,
+            negative_rows=negative_rows,
         )
         if report_path is not None:
             atomic_write_json(report_path, report.to_dict())
@@ -404,14 +409,18 @@ class TrainingData:
         return self.retrieval_eval is not None
 
 
-def _load_training_split(config, split: str) -> datasets.Dataset:
+def _load_training_split(config, split: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the rows to train on, the whole split): they differ with max_train_samples, and hard negatives stored as row
+    indices point into the whole split."""
     data = config.data
     if not data.mixture:
-        dataset = load_pairs(data.dataset, split, data.query_column, data.image_column)
+        whole = load_pairs(data.dataset, split, data.query_column, data.image_column)
+        dataset = whole
         if data.max_train_samples is not None and split == data.train_split:
-            dataset = dataset.shuffle(seed=config.training.seed).select(range(min(len(dataset), data.max_train_samples)))
-        return dataset
-    return load_mixture(data.mixture, split, data.query_column, data.image_column, config.training.seed)
+            dataset = whole.shuffle(seed=config.training.seed).select(range(min(len(whole), data.max_train_samples)))
+        return dataset, whole
+    mixed = load_mixture(data.mixture, split, data.query_column, data.image_column, config.training.seed)
+    return mixed, mixed
 
 
 def load_mixture(mixture: list[dict], split: str, query_column: str, image_column: str, seed: int) -> datasets.Dataset:
@@ -449,7 +458,7 @@ def build_datasets(config, processor, report_dir: Path | None = None) -> Trainin
     from colintern.training import NEGATIVE_LOSSES
 
     data = config.data
-    raw_train = _load_training_split(config, data.train_split)
+    raw_train, whole_train = _load_training_split(config, data.train_split)
     negatives_column = data.negatives_column if config.training.loss in NEGATIVE_LOSSES else None
     has_negatives = bool(data.negatives_column) and data.negatives_column in raw_train.column_names
     train = prepare_split(
@@ -462,6 +471,7 @@ def build_datasets(config, processor, report_dir: Path | None = None) -> Trainin
         skip_bad_rows=data.skip_bad_rows,
         tile_counter=processor.n_tiles,
         report_path=(report_dir / "data_report.json") if report_dir else None,
+        negative_rows=len(whole_train),
     )
     eval_dataset, retrieval_eval = None, None
     if data.eval_split:
@@ -492,7 +502,7 @@ def build_datasets(config, processor, report_dir: Path | None = None) -> Trainin
         image_column=data.image_column,
         negatives_column=negatives_column if has_negatives else None,
         num_negatives=data.num_negatives,
-        page_source=PageLookup(raw_train, data.image_column) if negatives_are_rows else None,
+        page_source=PageLookup(whole_train, data.image_column) if negatives_are_rows else None,
         augment=build_augmentation(config.training.augment, config.training.seed),
         seed=config.training.seed,
     )

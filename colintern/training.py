@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "colintern_run.json"
 DATA_REPORT_FILE = "data_report.json"
 NEGATIVE_LOSSES = {"negative-ce", "pairwise-negative-ce"}
+# the loss a hard-negative loss falls back to on batches without negatives (the evaluation split has none)
+IN_BATCH_EQUIVALENT = {"negative-ce": "colbert", "pairwise-negative-ce": "pairwise"}
 
 
 class NonFiniteLossError(ColinternError):
@@ -122,9 +124,11 @@ def _prefixed(inputs: dict, prefix: str) -> dict:
 class ColInternTrainer(Trainer):
     """transformers.Trainer with a late-interaction contrastive loss and retrieval metrics at evaluation."""
 
-    def __init__(self, *args, loss_fn: torch.nn.Module, retrieval_eval=None, **kwargs):
+    def __init__(self, *args, loss_fn: torch.nn.Module, retrieval_eval=None,
+                 in_batch_loss_fn: torch.nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
+        self.in_batch_loss_fn = in_batch_loss_fn or loss_fn  # for batches without hard negatives
         self.retrieval_eval = retrieval_eval
         # the loss is a mean over the batch: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
@@ -143,7 +147,7 @@ class ColInternTrainer(Trainer):
             negatives = negatives.view(queries.shape[0], n_negatives, *negatives.shape[1:])
             loss = self.loss_fn(queries, all_pages, negatives, offset=offset)
         else:
-            loss = self.loss_fn(queries, all_pages, offset=offset)
+            loss = self.in_batch_loss_fn(queries, all_pages, offset=offset)
         if not torch.isfinite(loss):
             self._record_non_finite(loss)
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
@@ -509,6 +513,7 @@ def build_trainer(
         optimizers=(optimizer, scheduler_fn(optimizer) if scheduler_fn else None),
         callbacks=[*all_callbacks, *(callbacks or [])],
         loss_fn=build_loss(training.loss, training.temperature),
+        in_batch_loss_fn=build_loss(IN_BATCH_EQUIVALENT.get(training.loss, training.loss), training.temperature),
         retrieval_eval=data.retrieval_eval if eval_enabled else None,
     )
     return PreparedRun(trainer, stop, output_dir, resume)

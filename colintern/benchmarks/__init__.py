@@ -23,6 +23,8 @@ SUBBENCHMARKS: dict[str, str] = {
     # name -> module; modules are imported only when their benchmark runs
     "scoring": "colintern.benchmarks.scoring",
     "encode": "colintern.benchmarks.encode",
+    "memory": "colintern.benchmarks.memory",
+    "render": "colintern.benchmarks.render",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
