@@ -13,12 +13,12 @@ How it is computed (the (queries, pages, query tokens, page tokens) tensor is ne
     so that a (query block, chunk tokens) similarity block holds at most `chunk_elements` values. The CPU default
     (2^24 values, 64 MB) is the robust choice rather than the fastest on an idle machine: every GEMM and max is a
     parallel region whose threads meet at its end, and on a busy machine each meeting waits for a descheduled
-    thread, so many small blocks collapse (measured on 2 shared cores under load: 2^20-value blocks 9.5-16 GFLOP/s,
-    2^24-value blocks 23-80), while on an idle machine cache-sized blocks win by about 1.4x (2^20: 117 GFLOP/s,
-    2^24: 83). Pass `chunk_elements=1 << 20` on a dedicated CPU.
+    thread, so many small blocks collapse (measured on 2 shared cores under load: 2^19-2^21-value blocks 9.5-16
+    GFLOP/s, 2^24-value blocks 23-80), while on a quiet machine cache-sized blocks win by 1.1-1.4x (2^20: 117
+    GFLOP/s, 2^24: 83, on 2 threads). Pass `chunk_elements=1 << 20` on a dedicated CPU.
   * A chunk's pages are gathered by one `torch.cat` and cast to the compute dtype by one copy into a preallocated
-    (pages x longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a duplicate
-    cannot change a max, so no -inf masking pass is needed and the result stays exact.
+    (pages x longest, dim) buffer. A page shorter than the longest is padded with copies of its own last token: a
+    duplicate cannot change a max, so no -inf masking pass is needed and the result stays exact.
   * Per block: one GEMM into a preallocated buffer, an amax over the page-token axis of its (rows, pages, tokens)
     view, and a segment sum of the per-token maxima into their queries (`index_add_`).
   * CPU: float32 compute (this CPU's 16-bit GEMMs are 30-40x slower than its float32 ones). CUDA: 16-bit GEMMs with

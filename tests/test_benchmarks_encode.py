@@ -33,7 +33,7 @@ def test_full_size_path_runs_on_a_scaled_down_spec():
         query_batch_sizes=(3,), repeats=1, reference=False, page_size=(112, 150), peak_tflops=1.0,
     )
     figures = benchmark_encode(plan)
-    assert figures["model"]["architecture"].startswith("InternVL3.5-1B")
+    assert figures["model"]["architecture"].startswith("scaled-down")
     assert figures["model"]["spec"]["tokens_per_tile"] == 4
     assert figures["tiles_per_page"] > 1 and figures["dtype"] == "float32" and figures["attn_implementation"] == "sdpa"
     page_row = figures["pages"][0]
@@ -41,14 +41,15 @@ def test_full_size_path_runs_on_a_scaled_down_spec():
     assert figures["queries"][0]["queries_per_second"] > 0
 
 
-def test_default_spec_is_the_internvl3_5_1b_shape():
-    from colintern.benchmarks.full_size import build_config
+def test_full_size_uses_the_shipped_internvl3_5_1b_config_and_its_numbers():
+    from transformers.models.internvl import InternVLModel
 
-    spec = InternVLSpec()
-    assert spec.tokens_per_tile == 256 and spec.patches_per_tile == 1024
+    from colintern.benchmarks.full_size import full_size_config, spec_from_config
+
+    config = full_size_config()
+    assert spec_from_config(config) == InternVLSpec()  # the FLOP formula's numbers are the shipped config's
+    assert InternVLSpec().tokens_per_tile == 256 and InternVLSpec().patches_per_tile == 1024
     with torch.device("meta"):
-        from transformers.models.internvl import InternVLModel
-
-        model = InternVLModel(build_config(spec, image_token_id=151667))
+        model = InternVLModel(config)
     n_params = sum(p.numel() for p in model.parameters())
-    assert 0.85e9 < n_params < 0.95e9  # 0.91B: InternViT-300M + Qwen3-0.6B (tied embeddings), no LM head
+    assert 0.85e9 < n_params < 0.95e9  # 0.91B: InternViT-300M + projector + Qwen3-0.6B, no LM head

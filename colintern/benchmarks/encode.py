@@ -10,11 +10,12 @@ model (forward, device transfers), its peak memory (see `colintern.benchmarks.me
 process in ascending batch order, so a later batch size may reuse memory an earlier one left cached: a lower bound),
 and model FLOPs utilisation where the accelerator's peak is known.
 
-`--full-size` builds the real InternVL3.5-1B architecture from its numbers with random weights
+`--full-size` builds the real InternVL3.5-1B architecture from the config colintern ships, with random weights
 (`colintern.benchmarks.full_size`, no download), 448px tiles, bf16 with flash-attention 2 when installed (else SDPA)
 on CUDA, and encodes SynthDocs-style pages rendered at `--page-size` (A4 portrait at 150 dpi by default: a 1 x 2
-grid + thumbnail = 3 tiles, 768 image tokens, ~2.9 TFLOP per page under the default 1,536-token budget). FLOPs per input follow the formula in `full_size.py`; MFU = model FLOPs/s over
-the model-only time divided by the bf16 peak (end-to-end MFU, preprocessing included, is reported too).
+grid + thumbnail = 3 tiles, 768 image tokens, ~2.9 TFLOP per page under the default 1,536-token budget). FLOPs per
+input follow the formula in `full_size.py`; MFU = model FLOPs/s over the model-only time divided by the bf16 peak
+(end-to-end MFU, preprocessing included, is reported too).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     """Measure the evaluation path (and the reference) at each batch size; return the figures for the JSON."""
     import torch
 
-    from colintern.benchmarks.full_size import InternVLSpec, forward_flops, peak_bf16_tflops
+    from colintern.benchmarks.full_size import InternVLSpec, forward_flops, peak_bf16_tflops, spec_from_config
     from colintern.benchmarks.measure import PeakMemory
     from colintern.loading import default_attn_implementation, default_device, default_dtype
     from colintern.retrieval import encode_pages, encode_queries
@@ -210,17 +211,29 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     if plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.full_size:
-        from colintern.benchmarks.full_size import build_model, build_processor, describe
+        from colintern.benchmarks.full_size import (
+            FULL_SIZE_MODEL,
+            build_model,
+            build_processor,
+            describe,
+            full_size_config,
+        )
 
         if device.type != "cuda":
             logger.warning("--full-size on %s: the 1B model runs, but slowly; figures are for GPUs", device)
-        spec = plan.full_size_spec or InternVLSpec()
+        config = plan.full_size_spec or full_size_config()  # the shipped InternVL3.5-1B config
+        spec = config if isinstance(config, InternVLSpec) else spec_from_config(config)
         attn = plan.attn_implementation or default_attn_implementation(device)
         dtype = default_dtype(device)
         processor = build_processor(spec, plan.max_num_visual_tokens or 1536)
-        model = build_model(spec, processor.image_token_id, device, dtype, attn)
+        model = build_model(config, processor.image_token_id, device, dtype, attn)
         pages, queries = rendered_pages_and_queries(plan.page_size, plan.n_pages, plan.n_queries)
-        model_info = {"architecture": "InternVL3.5-1B (random weights)", "spec": describe(spec)}
+        model_info = {
+            "architecture": f"{FULL_SIZE_MODEL} (shipped config, random weights)"
+            if plan.full_size_spec is None
+            else "scaled-down InternVLSpec (random weights)",
+            "spec": describe(spec),
+        }
     else:
         from colintern.embedded import TinyModelConfig
         from colintern.loading import load_retriever
@@ -232,7 +245,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
         attn, dtype = model.config._attn_implementation, model.dtype
         pages, queries = synthdocs_pages_and_queries(plan.dataset, plan.n_pages, plan.n_queries)
         model_info = {"checkpoint": plan.model}
-        spec = _spec_of(model)
+        spec = spec_from_config(model.config, model.dim)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -345,30 +358,6 @@ def _reference_pass(wrapper, kind: str, items: list, batch_size: int) -> None:
             wrapper.get_image_embeddings([{"image": batch} for batch in batches])
         else:
             wrapper.get_text_embeddings([{"text": batch} for batch in batches])
-
-
-def _spec_of(model):
-    """The InternVLSpec of a loaded model (for its FLOPs)."""
-    from colintern.benchmarks.full_size import InternVLSpec
-
-    vision, text = model.config.vision_config, model.config.text_config
-    return InternVLSpec(
-        image_size=vision.image_size[0],
-        patch_size=vision.patch_size[0],
-        vision_hidden=vision.hidden_size,
-        vision_layers=vision.num_hidden_layers,
-        vision_heads=vision.num_attention_heads,
-        vision_mlp=vision.intermediate_size,
-        text_hidden=text.hidden_size,
-        text_layers=text.num_hidden_layers,
-        text_heads=text.num_attention_heads,
-        text_kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        text_mlp=text.intermediate_size,
-        vocab_size=text.vocab_size,
-        downsample_ratio=model.config.downsample_ratio,
-        embedding_dim=model.dim,
-    )
 
 
 def encode_table(figures: dict) -> str:

@@ -1,10 +1,13 @@
 """The real InternVL3.5-1B architecture with random weights, built from its numbers (no download), and its FLOPs.
 
 Used by `scripts/benchmark.py <name> --full-size` to measure speed, memory and model FLOPs utilisation (MFU) of the
-shape users train and evaluate, on machines that cannot reach the Hub. `InternVLSpec()` is InternVL3.5-1B:
-InternViT-300M (24 layers, hidden 1024, 16 heads, MLP 4096, 448px tiles of 14px patches) + a 2-layer MLP projector
-after a 0.5 pixel shuffle + Qwen3-0.6B (28 layers, hidden 1024, 16 query / 8 key-value heads of 128, MLP 3072,
-vocabulary 151,936), plus colintern's 128-dim `custom_text_proj` head. Tests use the same code with tiny numbers.
+shape users train and evaluate, on machines that cannot reach the Hub. The architecture is the config colintern
+ships for OpenGVLab/InternVL3_5-1B-HF (`colintern/configs/internvl3_5/InternVL3_5-1B`, read by
+`colintern.advisor.load_model_config`): InternViT-300M (24 layers, hidden 1024, 16 heads, MLP 4096, 448px tiles of
+14px patches) + a 2-layer MLP projector after a 0.5 pixel shuffle + Qwen3-0.6B (28 layers, hidden 1024, 16 query /
+8 key-value heads of 128, MLP 3072, vocabulary 151,936), plus colintern's 128-dim `custom_text_proj` head.
+`InternVLSpec` holds the same numbers for the FLOP count (`spec_from_config`); tests build tiny specs through the
+same code (`build_config`).
 
 Forward FLOPs (`forward_flops`), counting 2 FLOPs per multiply-add of every matrix product and convolution (norms,
 activations, softmax, RoPE and the embedding lookup are left out, as is usual for MFU):
@@ -82,6 +85,42 @@ class InternVLSpec:
         )
 
 
+FULL_SIZE_MODEL = "OpenGVLab/InternVL3_5-1B-HF"
+
+
+def full_size_config(name: str = FULL_SIZE_MODEL):
+    """The shipped `InternVLConfig` of an InternVL3.5 preset (offline; no weights)."""
+    from colintern.advisor import load_model_config
+
+    return load_model_config(name)
+
+
+def spec_from_config(config, embedding_dim: int | None = None) -> InternVLSpec:
+    """The `InternVLSpec` (architectural numbers) of an `InternVLConfig`."""
+    vision, text = config.vision_config, config.text_config
+
+    def first(value):
+        return value[0] if isinstance(value, (list, tuple)) else value
+
+    return InternVLSpec(
+        image_size=first(vision.image_size),
+        patch_size=first(vision.patch_size),
+        vision_hidden=vision.hidden_size,
+        vision_layers=vision.num_hidden_layers,
+        vision_heads=vision.num_attention_heads,
+        vision_mlp=vision.intermediate_size,
+        text_hidden=text.hidden_size,
+        text_layers=text.num_hidden_layers,
+        text_heads=text.num_attention_heads,
+        text_kv_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        text_mlp=text.intermediate_size,
+        vocab_size=text.vocab_size,
+        downsample_ratio=config.downsample_ratio,
+        embedding_dim=embedding_dim or getattr(config, "embedding_dim", None) or 128,
+    )
+
+
 def build_config(spec: InternVLSpec, image_token_id: int):
     """The `InternVLConfig` (InternViT vision config + Qwen3 text config) of `spec`."""
     from transformers import Qwen3Config
@@ -145,13 +184,19 @@ def build_processor(spec: InternVLSpec, max_num_visual_tokens: int = 1536):
     )
 
 
-def build_model(spec: InternVLSpec, image_token_id: int, device, dtype, attn_implementation: str = "sdpa"):
-    """ColIntern3_5 of `spec` with random weights (seeded), created directly on `device` in `dtype`, eval mode."""
+def build_model(config, image_token_id: int, device, dtype, attn_implementation: str = "sdpa"):
+    """ColIntern3_5 of an `InternVLConfig` (or an `InternVLSpec`) with random weights (seeded), created directly on
+    `device` in `dtype`, in eval mode; `image_token_id` is the processor's image-context token."""
+    import copy
+
     import torch
 
     from colintern.modeling import ColIntern3_5
 
-    config = build_config(spec, image_token_id)
+    if isinstance(config, InternVLSpec):
+        config = build_config(config, image_token_id)
+    config = copy.deepcopy(config)
+    config.image_token_id = image_token_id
     torch.manual_seed(0)
     with torch.device(device):
         model = ColIntern3_5._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
