@@ -130,24 +130,10 @@ def _load_local(path: Path, split: str, query_column: str, image_column: str) ->
 
 # ---------------------------------------------------------------------------------------------------- validation
 def decode_image(value: Any) -> Image.Image:
-    """A page from what a dataset stores: a PIL image, {'bytes', 'path'}, raw bytes or a path."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        if value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise ValueError("no image data (neither bytes nor path)")
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    elif value is None:
-        raise ValueError("missing image")
-    else:
-        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+    """A page from what a dataset stores (PIL image, {'bytes', 'path'}, bytes, path, array), fully decoded."""
+    from colintern.retrieval import open_page
+
+    image = open_page(value)
     image.load()
     if image.width == 0 or image.height == 0:
         raise ValueError("empty image (0 pixels)")
@@ -335,14 +321,6 @@ class RetrievalCollator:
         return batch
 
 
-def read_retrieval_split(folder: str | Path) -> dict[str, datasets.Dataset]:
-    """corpus / queries / qrels of a retrieval split folder (for NDCG during training)."""
-    folder = Path(resolve_embedded(str(folder)))
-    if not _is_retrieval_split(folder):
-        raise ColinternError(f"{folder} is not a retrieval split (expected corpus/queries/qrels files)")
-    return {name: _retrieval_file(folder, name) for name in RETRIEVAL_FILES}
-
-
 def describe_dataset_source(source: str) -> str:
     """A short description for logs and the run record."""
     path = Path(resolve_embedded(source))
@@ -356,38 +334,18 @@ def describe_dataset_source(source: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- assembly
 class RetrievalEvaluator:
-    """NDCG@5/10 of the model on a retrieval split (corpus / queries / qrels), for evaluation during training."""
+    """NDCG@5/10 and Recall@100 of the model on a retrieval split (corpus / queries / qrels) during training,
+    computed by mteb exactly as the final evaluation is (colintern.evaluation.evaluate_in_memory), no files written."""
 
-    def __init__(self, folder: str | Path, processor, max_pages: int | None = None, batch_size: int = 32):
-        tables = read_retrieval_split(folder)
-        corpus = tables["corpus"].cast_column("image", datasets.Image(decode=False))
-        if max_pages is not None and len(corpus) > max_pages:
-            corpus = corpus.select(range(max_pages))
-        self.page_ids = list(corpus["id"])
-        self.pages = [decode_image(v) for v in corpus["image"]]
-        index = {doc_id: i for i, doc_id in enumerate(self.page_ids)}
-        text = dict(zip(tables["queries"]["id"], tables["queries"]["text"]))
-        self.queries, self.relevant = [], []
-        for qid, cid, score in zip(tables["qrels"]["query-id"], tables["qrels"]["corpus-id"], tables["qrels"]["score"]):
-            if score > 0 and cid in index and qid in text:
-                self.queries.append(text[qid])
-                self.relevant.append(index[cid])
-        self.processor = processor
-        self.batch_size = batch_size
+    def __init__(self, folder: str | Path, processor, batch_size: int = 32):
+        folder = Path(folder)
+        self.root, self.split, self.processor, self.batch_size = folder.parent, folder.name, processor, batch_size
 
     def __call__(self, model) -> dict[str, float]:
-        from colintern.retrieval import encode_pages, encode_queries, ndcg_at_k
-        from colintern.scoring import max_sim
+        from colintern.evaluation import evaluate_in_memory
 
-        was_training = model.training
-        model.eval()
-        try:
-            pages = encode_pages(model, self.processor, self.pages, self.batch_size, storage_dtype=torch.float32)
-            queries = encode_queries(model, self.processor, self.queries, self.batch_size, storage_dtype=torch.float32)
-        finally:
-            model.train(was_training)
-        scores = max_sim(queries, pages)
-        return {f"ndcg_at_{k}": round(ndcg_at_k(scores, self.relevant, k), 5) for k in (5, 10)}
+        scores = evaluate_in_memory(model, self.processor, self.root, split=self.split, batch_size=self.batch_size)
+        return {name: round(float(scores[name]), 5) for name in ("ndcg_at_5", "ndcg_at_10", "recall_at_100")}
 
 
 @dataclass
@@ -478,7 +436,7 @@ def build_datasets(config, processor, report_dir: Path | None = None) -> Trainin
         source = Path(resolve_embedded(data.dataset)) if not data.mixture else None
         if source is not None and source.is_dir() and _is_retrieval_split(source / data.eval_split):
             if config.training.retrieval_eval:
-                retrieval_eval = RetrievalEvaluator(source / data.eval_split, processor, data.max_eval_samples)
+                retrieval_eval = RetrievalEvaluator(source / data.eval_split, processor)
         try:
             eval_dataset = load_pairs(data.dataset if not data.mixture else data.mixture[0]["dataset"], data.eval_split,
                                       data.query_column, data.image_column)
