@@ -273,7 +273,7 @@ def apply_overrides(config: RunConfig, data: dict, source: str = "configuration"
 def preset_path(name: str) -> Path:
     path = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if not path.is_file():
-        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "search_space" not in p.stem)
         raise ColinternError(f"Unknown preset '{name}'. Available: {', '.join(available)}")
     return path
 
