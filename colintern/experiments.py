@@ -178,7 +178,12 @@ def append_log(path: str | Path, record: dict) -> None:
 
 
 def finished_hashes(records: list[dict]) -> set[str]:
-    return {r["config_hash"] for r in records if r.get("status") in FINISHED and "config_hash" in r}
+    """Configurations already run to the end whose run directory still exists (deleted runs are run again)."""
+    return {
+        r["config_hash"]
+        for r in records
+        if r.get("status") in FINISHED and "config_hash" in r and Path(r.get("checkpoint", "")).is_dir()
+    }
 
 
 # ------------------------------------------------------------------------------------------------ running
