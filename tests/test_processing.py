@@ -53,6 +53,33 @@ def test_batch_with_different_tile_counts(tiny_retriever):
         processor.set_max_num_visual_tokens(16)
 
 
+def test_process_images_gives_exactly_what_the_internvl_processor_gives(tiny_retriever, tmp_path):
+    """The cached-prompt fast path against `InternVLProcessor.__call__` on the page prompt, tile counts mixed."""
+    from colintern.processing import ColIntern3_5Processor
+
+    _, processor = tiny_retriever
+    processor.set_max_num_visual_tokens(112)
+    try:
+        rng = np.random.default_rng(0)
+        sizes = [(128, 128), (192, 600), (700, 128), (128, 176), (192, 600)]
+        pages = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        fast = processor.process_images(pages)
+        reference = processor(
+            text=[processor.visual_prompt_prefix] * len(pages), images=pages, padding="longest", return_tensors="pt",
+            **processor._tiling_kwargs(),
+        )
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            assert torch.equal(fast[key], reference[key]), key
+        # the cache is not part of the saved processor
+        processor.save_pretrained(tmp_path)
+        assert "_prompt_ids_cache" not in "".join(p.read_text() for p in tmp_path.glob("*.json"))
+        assert ColIntern3_5Processor.from_pretrained(tmp_path).process_images(pages[:1])["input_ids"].equal(
+            fast["input_ids"][:1, -fast["attention_mask"][0].sum():]
+        )
+    finally:
+        processor.set_max_num_visual_tokens(16)
+
+
 def _image_in_mode(mode: str) -> Image.Image:
     rgb = Image.new("RGB", (40, 30), (10, 120, 240))
     if mode == "I;16":

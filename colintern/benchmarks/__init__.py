@@ -25,6 +25,7 @@ SUBBENCHMARKS: dict[str, str] = {
     "encode": "colintern.benchmarks.encode",
     "memory": "colintern.benchmarks.memory",
     "render": "colintern.benchmarks.render",
+    "train-step": "colintern.benchmarks.train_step",
 }
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
