@@ -467,6 +467,7 @@ class Recommendation:
     lora_dropout: float
     gradient_checkpointing: bool
     memory: object  # colintern.memory_model.MemoryEstimate at the chosen configuration
+    quantize: str | None = None
     reasoning: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -485,6 +486,7 @@ class Recommendation:
             "lora_dropout": self.lora_dropout,
             "gradient_checkpointing": self.gradient_checkpointing,
             "max_num_visual_tokens": self.arch.max_num_visual_tokens,
+            **({"quantize": self.quantize} if self.quantize else {}),
             "advisor": {
                 "model": self.model,
                 "gpu": self.gpu.name,
@@ -512,6 +514,7 @@ def recommend(
     gradient_checkpointing: bool | None = None,
     lora_dropout: float = 0.1,
     epochs: int = DEFAULT_EPOCHS,
+    quantize: str | None = None,
 ) -> Recommendation:
     """A LoRA training configuration for `model` on the visible (or stated) GPU, following the rules above.
 
@@ -519,6 +522,7 @@ def recommend(
         model: path, `embedded:` alias, preset, Hub id or InternVLConfig.
         vram_gib: GPU memory per device in GiB (as torch and nvidia-smi report it); None: the visible GPU.
         gradient_checkpointing: None decides: on exactly when it lets a larger per-device batch fit.
+        quantize: "4bit" / "8bit": QLoRA (`--quantize`), the language model's linears stored quantised.
     """
     from colintern.memory_model import TrainingMemorySetup, estimate_peak_memory, max_batch_size
 
@@ -555,6 +559,7 @@ def recommend(
         autocast=dtype != "float32",
         device=device,
         world_size=gpu.count,
+        quantize=quantize,
     )
     fits_plain = max_batch_size(arch, setup.replace(gradient_checkpointing=False), budget, limit=cap)
     fits_checkpointed = max_batch_size(arch, setup.replace(gradient_checkpointing=True), budget, limit=cap)
@@ -571,7 +576,8 @@ def recommend(
             f"{model} does not fit in {gpu.vram_gib:.1f} GiB at batch 1: about {smallest.peak_gib:.1f} GiB are "
             f"needed even with gradient checkpointing ({smallest.part('frozen weights').gib:.1f} GiB of them frozen "
             f"weights), and {100 * SAFETY_MARGIN:.0f}% is kept free. {hint}Use a larger GPU or fewer visual tokens "
-            f"(--max-num-visual-tokens, now {arch.max_num_visual_tokens}); 4-bit quantization is not modelled yet."
+            f"(--max-num-visual-tokens, now {arch.max_num_visual_tokens})"
+            + ("." if quantize == "4bit" else "; or quantise the language model (--quantize 4bit).")
         )
     estimate = estimate_peak_memory(
         arch, setup.replace(per_device_batch_size=batch, gradient_checkpointing=use_checkpointing)
@@ -642,6 +648,7 @@ def recommend(
         lora_dropout=lora_dropout,
         gradient_checkpointing=use_checkpointing,
         memory=estimate,
+        quantize=quantize,
         reasoning=reasoning,
         notes=notes,
     )

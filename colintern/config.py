@@ -322,6 +322,7 @@ ADVISOR_KEYS = {
     "lora_dropout": ("lora", "dropout"),
     "gradient_checkpointing": ("training", "gradient_checkpointing"),
     "max_num_visual_tokens": ("model", "max_num_visual_tokens"),
+    "quantize": ("model", "quantize"),
 }
 
 

@@ -312,6 +312,7 @@ def memory_setup(config: RunConfig, device: str = "cuda"):
         attn_implementation=attention if attention in ("sdpa", "flash_attention_2", "eager") else "sdpa",
         device=device,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        quantize=config.model.quantize if config.lora.enabled else None,
     )
 
 

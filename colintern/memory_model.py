@@ -47,6 +47,8 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 # The caching allocator rounds blocks up and fragments: reserved memory runs some 5-15% above allocated at the peak.
 ALLOCATOR_FRAGMENTATION = 0.10
+# bytes per quantised language-model linear weight (bitsandbytes NF4 + double-quantised constants; LLM.int8)
+QUANTIZED_BYTES_PER_WEIGHT: dict[str | None, float] = {None: 0.0, "4bit": 0.5 + 0.127 / 8, "8bit": 1.0}
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,14 @@ class TrainingMemorySetup:
         device: "cuda" or "cpu" (dropout keeps a 1-byte mask on CUDA, a full-precision one on the CPU; headroom).
         queries_padded / pages_padded: a padded batch gets a (B, 1, s, s) attention mask, and SDPA then repeats the
             grouped KV heads (transformers uses SDPA's native GQA only without a mask).
-        optimizer: "adamw" (torch.optim.AdamW's default, as colintern's trainer builds it: the multi-tensor
-            implementation on CUDA, whose step allocates a temporary the size of the trainable parameters; a loop over
-            parameters on the CPU) or "adamw_fused" (no temporaries).
+        optimizer: "adamw_fused" (as colintern's trainer and transformers' Trainer build it: no temporaries) or
+            "adamw" (torch.optim.AdamW's default: the multi-tensor implementation on CUDA, whose step allocates a
+            temporary the size of the trainable parameters; a loop over parameters on the CPU).
+        quantize: None, "4bit" or "8bit" (QLoRA, `--quantize`): the language model's linear weights are stored in
+            NF4 with double quantisation (0.5 bytes + 0.127 bits of constants per weight) or LLM.int8 (1 byte + a
+            float32 scale per row); `prepare_model_for_kbit_training` casts every other frozen weight (embeddings,
+            norms, vision tower, projector) to float32. Layers dequantise one weight at a time (a compute-dtype
+            copy of the largest linear). LoRA only.
         world_size: data-parallel ranks. The trainer gathers every rank's pages as in-batch negatives, so each
             device scores its B queries against B * world_size pages.
         compact_pages: the trainer drops the prompt positions from page embeddings before the loss (MaxSim then runs
@@ -93,7 +100,8 @@ class TrainingMemorySetup:
     device: str = "cuda"
     queries_padded: bool = True
     pages_padded: bool = True
-    optimizer: str = "adamw"
+    optimizer: str = "adamw_fused"
+    quantize: str | None = None
     world_size: int = 1
     compact_pages: bool = True
 
@@ -106,6 +114,10 @@ class TrainingMemorySetup:
             raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}")
         if self.optimizer not in ("adamw", "adamw_fused"):
             raise ValueError(f"optimizer must be 'adamw' or 'adamw_fused', got {self.optimizer!r}")
+        if self.quantize not in QUANTIZED_BYTES_PER_WEIGHT:
+            raise ValueError(f"quantize must be None, '4bit' or '8bit', got {self.quantize!r}")
+        if self.quantize and self.finetuning != "lora":
+            raise ValueError("quantize needs finetuning='lora': quantized weights are not trained")
         if self.per_device_batch_size < 1 or self.query_tokens < 1 or self.world_size < 1:
             raise ValueError("per_device_batch_size, query_tokens and world_size must be at least 1")
 
@@ -402,6 +414,18 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
         trainable = [(lora_params, 4), (arch.head_params, c)]  # peft upcasts LoRA weights to float32
         layer_trainable = lora_params // text.layers * 4
     trainable_bytes = sum(n * nbytes for n, nbytes in trainable)
+    frozen_bytes, frozen_note = frozen_params * c, setup.dtype
+    dequantized = 0
+    if setup.quantize:
+        linear_shapes = [  # (out, in) of every LM linear, per layer
+            (text.q_dim, text.hidden), (text.kv_dim, text.hidden), (text.kv_dim, text.hidden), (text.hidden, text.q_dim),
+            (text.intermediate, text.hidden), (text.intermediate, text.hidden), (text.hidden, text.intermediate),
+        ]
+        quantized = text.layers * sum(o * i for o, i in linear_shapes)
+        row_scales = text.layers * sum(o for o, _ in linear_shapes) * 4 if setup.quantize == "8bit" else 0
+        frozen_bytes = quantized * QUANTIZED_BYTES_PER_WEIGHT[setup.quantize] + row_scales + (frozen_params - quantized) * 4
+        frozen_note = f"{setup.quantize} LM linears, the rest float32"
+        dequantized = max(o * i for o, i in linear_shapes) * c
     # a trainable vision tower's gradients appear during its backward, as its activations are released
     vision_gradients = (arch.vision_params + arch.projector_params) * c if full else 0
     head_bytes = arch.head_params * c
@@ -480,7 +504,7 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
 
     checkpointed = ", checkpointed" if setup.gradient_checkpointing else ""
     parts = [
-        MemoryPart("frozen weights", frozen_params * c, every_phase, setup.dtype),
+        MemoryPart("frozen weights", frozen_bytes, every_phase, frozen_note),
         MemoryPart(
             "trainable weights", trainable_bytes, every_phase, "all parameters" if full else "LoRA float32 + head"
         ),
@@ -540,6 +564,7 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             trainable_bytes if (setup.optimizer == "adamw" and setup.device == "cuda") else 0,
             ("optimizer",),
         ),
+        MemoryPart("dequantised weight", dequantized, every_phase[:-1], "largest LM linear" if dequantized else "-"),
     ]
     parts = [dataclasses.replace(part, bytes=int(part.bytes)) for part in parts]
     phase_bytes = {phase: sum(part.bytes for part in parts if phase in part.phases) for phase in PHASES}

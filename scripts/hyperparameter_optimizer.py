@@ -41,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
         lora_dropout=args.lora_dropout,
         epochs=args.epochs,
+        quantize=args.quantize,
     )
     for note in recommendation.notes:
         logger.warning(note)
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)")
+    parser.add_argument(
+        "--quantize", choices=("4bit", "8bit"), default=None,
+        help="plan for QLoRA (train.py --quantize): the language model's linears stored in 4 or 8 bits",
+    )
     parser.add_argument("--json", action="store_true", help="print the configuration as JSON instead of the report")
     parser.add_argument("--output", help="also save the JSON to this file (for scripts/train.py --config-from)")
     return parser

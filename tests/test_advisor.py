@@ -203,6 +203,20 @@ def test_a_model_that_cannot_fit_is_refused():
         recommend("OpenGVLab/InternVL3_5-14B-HF", vram_gib=12, num_gpus=1)
 
 
+def test_quantization_lets_a_larger_model_fit_and_travels_to_the_trainer(tmp_path):
+    from colintern.config import advisor_overrides
+
+    plain = recommend("OpenGVLab/InternVL3_5-8B-HF", vram_gib=24, num_gpus=1)
+    qlora = recommend("OpenGVLab/InternVL3_5-8B-HF", vram_gib=24, num_gpus=1, quantize="4bit")
+    assert qlora.per_device_train_batch_size > plain.per_device_train_batch_size
+    assert qlora.memory.part("frozen weights").bytes < plain.memory.part("frozen weights").bytes / 2
+    payload = qlora.to_json()
+    assert payload["quantize"] == "4bit" and "quantize" not in plain.to_json()
+    path = tmp_path / "advisor.json"
+    path.write_text(json.dumps(payload))
+    assert advisor_overrides(path)["model"]["quantize"] == "4bit"
+
+
 # ---------------------------------------------------------------------------------------------- the script
 def _script():
     path = advisor.Path(__file__).resolve().parents[1] / "scripts" / "hyperparameter_optimizer.py"

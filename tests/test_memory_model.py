@@ -216,6 +216,31 @@ def test_max_batch_size_is_the_boundary(one_b):
     assert max_batch_size(one_b, setup, 10**15, limit=64) == 64
 
 
+def test_quantized_language_model_weights(one_b):
+    """QLoRA: the LM linears in 4 or 8 bits, every other frozen weight upcast to float32 by peft."""
+    text = one_b.text
+    per_layer = text.hidden * (text.q_dim + 2 * text.kv_dim) + text.q_dim * text.hidden + 3 * text.hidden * text.intermediate
+    linears = text.layers * per_layer
+    setup = TrainingMemorySetup(per_device_batch_size=4)
+    bf16 = estimate_peak_memory(one_b, setup)
+    nf4 = estimate_peak_memory(one_b, setup.replace(quantize="4bit"))
+    int8 = estimate_peak_memory(one_b, setup.replace(quantize="8bit"))
+    others = (one_b.total_params - linears) * 4
+    assert nf4.part("frozen weights").bytes == int(linears * (0.5 + 0.127 / 8) + others)
+    assert int8.part("frozen weights").bytes > linears + others
+    assert nf4.part("dequantised weight").bytes == text.intermediate * text.hidden * 2  # the largest linear, bf16
+    assert bf16.part("dequantised weight").bytes == 0
+    assert nf4.peak_bytes < int8.peak_bytes
+    # everything but the weights is unchanged
+    for part in bf16.parts:
+        if part.name not in ("frozen weights", "dequantised weight", HEADROOM):
+            assert nf4.part(part.name).bytes == part.bytes, part.name
+    with pytest.raises(ValueError, match="quantize"):
+        TrainingMemorySetup(quantize="3bit")
+    with pytest.raises(ValueError, match="lora"):
+        TrainingMemorySetup(quantize="4bit", finetuning="full")
+
+
 def test_setup_rejects_unknown_values():
     with pytest.raises(ValueError):
         TrainingMemorySetup(dtype="int8")
