@@ -428,6 +428,26 @@ class PreparedRun:
     resume: str | None
 
 
+def recipe_arguments(config: RunConfig) -> dict:
+    """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging)."""
+    training = config.training
+    return dict(
+        output_dir=str(training.output_dir),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        learning_rate=training.lr,
+        lr_scheduler_type=training.scheduler,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        bf16=_bf16(config),
+        logging_steps=training.logging_steps,
+        seed=training.seed,
+    )
+
+
 def build_trainer(
     config: RunConfig,
     callbacks: list[TrainerCallback] | None = None,
@@ -470,19 +490,8 @@ def build_trainer(
     training = config.training
     eval_enabled = (data.eval_dataset is not None or data.retrieval_eval is not None) and bool(training.eval_steps)
     args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
-        per_device_train_batch_size=training.batch_size,
+        **recipe_arguments(config),
         per_device_eval_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.grad_accum,
-        learning_rate=training.lr,
-        lr_scheduler_type=training.scheduler,
-        warmup_steps=training.warmup_steps,
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        bf16=_bf16(config),
-        logging_steps=training.logging_steps,
         eval_strategy="steps" if eval_enabled else "no",
         eval_steps=training.eval_steps,
         save_strategy="steps" if save_checkpoints else "no",
@@ -491,7 +500,6 @@ def build_trainer(
         load_best_model_at_end=bool(training.early_stopping_patience) and eval_enabled and save_checkpoints,
         metric_for_best_model=data.best_metric if eval_enabled else None,
         greater_is_better=data.best_metric_greater_is_better if eval_enabled else None,
-        seed=training.seed,
         data_seed=training.seed,
         report_to=_report_to(config, output_dir),
         run_name=training.run_name or output_dir.name,

@@ -336,7 +336,7 @@ def _colpali_trainer(config, clock, plan: TrainStepRun):
     from transformers import TrainingArguments
 
     from colintern.data import build_datasets
-    from colintern.training import _bf16, build_model
+    from colintern.training import build_model, recipe_arguments
 
     training = config.training
     torch.manual_seed(training.seed)
@@ -347,23 +347,12 @@ def _colpali_trainer(config, clock, plan: TrainStepRun):
     rows = rows.cast_column(config.data.image_column, datasets.Image(decode=True))
     dataset = ColPaliEngineDataset(rows, query_column_name=config.data.query_column,
                                    pos_target_column_name=config.data.image_column)
-    args = TrainingArguments(
-        output_dir=training.output_dir,
-        max_steps=training.max_steps,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.grad_accum,
-        learning_rate=training.lr,
-        lr_scheduler_type=training.scheduler,
-        warmup_steps=training.warmup_steps,
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        bf16=_bf16(config),
+    args = TrainingArguments(  # the recipe as colintern's trainer gets it; everything else at transformers' defaults
+        **recipe_arguments(config),
         gradient_checkpointing=False,  # already enabled on the model by build_model when the preset asks for it
-        logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        seed=training.seed,
         remove_unused_columns=False,
         dataloader_num_workers=training.dataloader_num_workers,
     )
