@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from colintern.benchmarks.encode import EncodeRun, benchmark_encode
@@ -37,7 +38,12 @@ def test_full_size_path_runs_on_a_scaled_down_spec():
     assert figures["model"]["spec"]["tokens_per_tile"] == 4
     assert figures["tiles_per_page"] > 1 and figures["dtype"] == "float32" and figures["attn_implementation"] == "sdpa"
     page_row = figures["pages"][0]
-    assert page_row["pages_per_second"] > 0 and 0 < page_row["mfu"] and page_row["mfu_end_to_end"] <= page_row["mfu"]
+    assert page_row["pages_per_second"] > 0 and page_row["mfu"] > 0 and page_row["mfu_end_to_end"] > 0
+    # MFU = model FLOPs / time / peak, over the model-only time and over the end-to-end time (timings themselves are
+    # not compared: on a shared CPU either pass can be the slower one at this size)
+    flops = figures["forward_gflop_per_page"] * 1e9 * 3
+    assert page_row["mfu"] == pytest.approx(flops / page_row["model_seconds"] / 1e12)
+    assert page_row["mfu_end_to_end"] == pytest.approx(flops / page_row["seconds"] / 1e12)
     assert figures["queries"][0]["queries_per_second"] > 0
 
 
