@@ -210,7 +210,18 @@ class InterruptAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_an_interrupted_trial_runs_again_when_the_study_resumes(colintern_home, small_synthdocs_dir, tmp_path):
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT raising KeyboardInterrupt, as in an interactive Python. A process started in the background by a
+    non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupted_trial_runs_again_when_the_study_resumes(
+    colintern_home, small_synthdocs_dir, tmp_path, interactive_sigint
+):
     base = tiny_base(small_synthdocs_dir)
     searched = space(**{"training.lr": {"type": "float", "low": 5e-4, "high": 2e-3, "log": True}})
     settings = SearchSettings(output_dir=tmp_path / "s", study_name="i", objectives=("eval_loss",), n_trials=2)
