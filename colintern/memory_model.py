@@ -564,7 +564,12 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             trainable_bytes if (setup.optimizer == "adamw" and setup.device == "cuda") else 0,
             ("optimizer",),
         ),
-        MemoryPart("dequantised weight", dequantized, every_phase[:-1], "largest LM linear" if dequantized else "-"),
+        MemoryPart(
+            "dequantised weight",
+            dequantized,
+            tuple(phase for phase in PHASES if phase != "optimizer"),
+            "largest LM linear" if dequantized else "-",
+        ),
     ]
     parts = [dataclasses.replace(part, bytes=int(part.bytes)) for part in parts]
     phase_bytes = {phase: sum(part.bytes for part in parts if phase in part.phases) for phase in PHASES}

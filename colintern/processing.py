@@ -101,6 +101,7 @@ class ColIntern3_5Processor(BaseVisualRetrieverProcessor, InternVLProcessor):  #
         self.tokenizer.padding_side = "left"
         self.max_num_visual_tokens = int(max_num_visual_tokens)
         self.max_patches = max_tiles_for_budget(self.max_num_visual_tokens, self.image_seq_length)
+        self._prompt_ids_cache: dict[int, list[int]] = {}  # page prompt token ids by tile count (not saved)
 
     @property
     def visual_prompt_prefix(self) -> str:
@@ -138,7 +139,7 @@ class ColIntern3_5Processor(BaseVisualRetrieverProcessor, InternVLProcessor):  #
         )
 
     def _page_prompt_ids(self, n_tiles: int) -> list[int]:
-        cache = self.__dict__.setdefault("_prompt_ids_cache", {})
+        cache = self._prompt_ids_cache
         if n_tiles not in cache:
             expanded = self.visual_prompt_prefix.replace(
                 self.image_token, self.replace_image_token({"num_patches": [n_tiles]}, 0), 1

@@ -147,7 +147,8 @@ def benchmark_train_step(plan: TrainStepRun) -> dict:
     from colintern.benchmarks.measure import run_worker
 
     load_before = os.getloadavg()
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {}  # the best round of each run
+    rounds: dict[str, list[float]] = {}  # samples/s of every round
     with tempfile.TemporaryDirectory(prefix="colintern-train-step-") as tmp:
         if plan.full_size:
             _save_full_size_model(plan, Path(tmp) / "model")
@@ -161,15 +162,13 @@ def benchmark_train_step(plan: TrainStepRun) -> dict:
                                "--tmp", tmp, "--out", str(out)]
                 result = run_worker(__name__, worker_args, out)
                 logger.info("  %s: %.2f samples/s", label, result["samples_per_second"])
-                previous = results.get(label)
-                if previous is None or result["samples_per_second"] > previous["samples_per_second"]:
-                    result["rounds_samples_per_second"] = [
-                        *(previous or {}).get("rounds_samples_per_second", []), result["samples_per_second"]
-                    ]
+                rounds[label] = [*rounds.get(label, []), result["samples_per_second"]]
+                best = results.get(label)
+                if best is None or result["samples_per_second"] > best["samples_per_second"]:
                     results[label] = result
-                else:
-                    previous["rounds_samples_per_second"].append(result["samples_per_second"])
     load_after = os.getloadavg()
+    for label, result in results.items():
+        result["rounds_samples_per_second"] = rounds[label]
 
     ours, theirs = results[COLINTERN], results.get(COLPALI)
     figures: dict = {
@@ -223,8 +222,9 @@ def _worker_main(argv: list[str]) -> None:
     Path(args.out).write_text(json.dumps(result))
 
 
-def run_config(plan: TrainStepRun, workers: int | None, tmp: Path):
-    """The preset's configuration for a short timed run: no evaluation, no checkpoints, no loggers."""
+def run_config(plan: TrainStepRun, workers: int | None, output_dir: Path, model_dir: Path | None = None):
+    """The preset's configuration for a short timed run: no evaluation, no checkpoints, no loggers. `model_dir`:
+    the saved random-weight checkpoint of --full-size."""
     from colintern.config import RunConfig, apply_overrides, load_yaml_config, preset_path
 
     config = RunConfig()
@@ -235,7 +235,7 @@ def run_config(plan: TrainStepRun, workers: int | None, tmp: Path):
     training.retrieval_eval = False
     training.report_to = "none"
     training.logging_steps = 1
-    training.output_dir = str(tmp / "run")
+    training.output_dir = str(output_dir)
     training.resume = None
     if plan.batch_size:
         training.batch_size = plan.batch_size
@@ -244,7 +244,7 @@ def run_config(plan: TrainStepRun, workers: int | None, tmp: Path):
         training.dataloader_num_workers = workers
     config.data.eval_split = None
     if plan.full_size:
-        config.model.name_or_path = str(tmp / "model")
+        config.model.name_or_path = str(model_dir)
         config.data.dataset = "embedded:synthdocs"
         config.model.max_num_visual_tokens = 1536
     if plan.dataset:
@@ -281,10 +281,7 @@ def measure_way(plan: TrainStepRun, way: str, workers: int | None, tmp: Path) ->
     if plan.warmup < 1:
         raise ValueError("--warmup must be at least 1 (the first step builds the optimizer states)")
     run_dir = Path(tempfile.mkdtemp(prefix=f"{way}-", dir=tmp))
-    config = run_config(plan, workers, run_dir)
-    config.training.output_dir = str(run_dir / "run")
-    if plan.full_size:
-        config.model.name_or_path = str(tmp / "model")
+    config = run_config(plan, workers, run_dir / "run", model_dir=tmp / "model")
     clock = step_clock(plan.device)
     trainer = _colintern_trainer(config, clock, plan) if way == COLINTERN else _colpali_trainer(config, clock, plan)
     with PeakMemory(plan.device) as peak:
