@@ -38,6 +38,7 @@ demo: install
 	$(PY) scripts/demo.py --output-dir $(DEMO_DIR)
 
 test: install
+	$(VENV)/bin/lint-imports  # the layering in pyproject.toml ([tool.importlinter])
 	$(PY) -m pytest tests -q
 
 clean:

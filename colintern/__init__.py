@@ -11,25 +11,26 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ColIntern3_5": "colintern.modeling",
-    "ColIntern3_5Processor": "colintern.processing",
-    "max_sim": "colintern.scoring",
-    "load_model": "colintern.loading",
-    "load_processor": "colintern.loading",
-    "load_retriever": "colintern.loading",
+    "ColIntern3_5": "colintern.model.modeling",
+    "ColIntern3_5Processor": "colintern.model.processing",
+    "max_sim": "colintern.model.scoring",
+    "load_model": "colintern.model.loading",
+    "load_processor": "colintern.model.loading",
+    "load_retriever": "colintern.model.loading",
     "ColinternError": "colintern.utils",
-    "EMBEDDED_MODEL": "colintern.embedded",
-    "EMBEDDED_DATASET": "colintern.embedded",
+    "EMBEDDED_MODEL": "colintern.model.embedded",
+    "EMBEDDED_DATASET": "colintern.data.synthdocs",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from colintern.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
-    from colintern.loading import load_model, load_processor, load_retriever
-    from colintern.modeling import ColIntern3_5
-    from colintern.processing import ColIntern3_5Processor
-    from colintern.scoring import max_sim
+    from colintern.data.synthdocs import EMBEDDED_DATASET
+    from colintern.model.embedded import EMBEDDED_MODEL
+    from colintern.model.loading import load_model, load_processor, load_retriever
+    from colintern.model.modeling import ColIntern3_5
+    from colintern.model.processing import ColIntern3_5Processor
+    from colintern.model.scoring import max_sim
     from colintern.utils import ColinternError
 
 

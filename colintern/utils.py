@@ -13,6 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Package data (installed with the package, so an installed colintern finds them as an editable checkout does).
+PACKAGE_DIR = Path(__file__).resolve().parent
+PRESETS_DIR = PACKAGE_DIR / "configs" / "presets"  # training presets and Optuna search spaces (experiments/configs)
+ARCHITECTURES_DIR = PACKAGE_DIR / "configs" / "internvl3_5"  # the shipped InternVL3.5 model configs
+REFERENCES_DIR = PACKAGE_DIR / "reports" / "references"  # published leaderboard scores (results/leaderboard)
+
 
 class ColinternError(RuntimeError):
     """An error caused by the user's input or environment; the message names the problem and the fix.
@@ -118,3 +124,12 @@ def _drop_library_notices(record: logging.LogRecord) -> bool:
 def cache_dir() -> Path:
     """Where on-demand assets (the embedded checkpoint, SynthDocs) are built: $COLINTERN_HOME or ~/.cache/colintern."""
     return Path(os.environ.get("COLINTERN_HOME", Path.home() / ".cache" / "colintern")).expanduser()
+
+
+def manifest_matches(path: Path, manifest_name: str, expected: dict) -> bool:
+    """True when `path` holds a complete build whose manifest records exactly `expected` (else rebuild)."""
+    try:
+        manifest = json.loads((path / manifest_name).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(manifest.get(key) == value for key, value in expected.items())

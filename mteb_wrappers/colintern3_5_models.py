@@ -7,7 +7,7 @@
     results = mteb.evaluate(model, mteb.get_benchmark("ViDoRe(v1)"), cache=mteb.ResultCache("results/mteb_evaluation"))
 
 Pages are encoded in batches of equal tile count (no padding), queries in batches of equal token count; embeddings are
-kept on the CPU in float16 as a ragged list of (tokens, 128) tensors and scored with `colintern.scoring.max_sim`.
+kept on the CPU in float16 as a ragged list of (tokens, 128) tensors and scored with `colintern.model.scoring.max_sim`.
 Each instance carries its own `mteb_model_meta` (name, content-hash revision, parameter count, training data), so
 results land in `{cache}/results/{name}/{revision}/{Task}.json` and two different checkpoints never share a folder.
 """
@@ -26,9 +26,9 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import OutputDType
 
-from colintern.checkpoints import CheckpointInfo, check_trained_head, describe_checkpoint, training_datasets
-from colintern.retrieval import encode_pages, encode_queries
-from colintern.scoring import max_sim
+from colintern.model.checkpoints import CheckpointInfo, check_trained_head, describe_checkpoint, training_datasets
+from colintern.model.encoding import encode_pages, encode_queries
+from colintern.model.scoring import max_sim
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -76,7 +76,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         device: default CUDA when available, else CPU.
         dtype: default bf16 on GPUs that support it, float32 on the CPU.
         allow_untrained_head: evaluate a model whose projection head is untrained (refused by default: see
-            `colintern.checkpoints.check_trained_head`).
+            `colintern.model.checkpoints.check_trained_head`).
         model_name: mteb model name for the result folder (default `colintern/<folder name>` or the Hub id).
         max_num_visual_tokens: override the processor's per-page visual-token budget.
         storage_dtype: dtype of the stored embeddings (float16: half the memory, ~1e-3 relative error).
@@ -101,7 +101,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         checkpoint: CheckpointInfo | None = None,
         revision: str | None = None,
     ):
-        from colintern.loading import default_device, load_retriever
+        from colintern.model.loading import default_device, load_retriever
 
         info = checkpoint or describe_checkpoint(str(model_path), model_name=model_name)
         check_trained_head(None, info, allow_untrained_head=allow_untrained_head)  # from the files, before loading

@@ -29,7 +29,7 @@ logger = logging.getLogger("ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colintern.config import add_config_arguments
+    from colintern.training.arguments import add_config_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("ablation")
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.config import config_from_args
-    from colintern.experiments import ablation_table, parse_vary, plan_ablation, read_log, run_ablation
+    from colintern.training.arguments import config_from_args
+    from colintern.tuning.ablations import ablation_table, parse_vary, plan_ablation, read_log, run_ablation
     from colintern.hub import prefer_offline_when_unreachable
 
     base_path = Path(args.base)

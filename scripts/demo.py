@@ -34,14 +34,15 @@ def step(title: str, command: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.config import RunConfig, apply_overrides, load_yaml_config, preset_path
-    from colintern.embedded import EMBEDDED_MODEL, ensure_embedded_model, ensure_synthdocs
+    from colintern.training.arguments import RunConfig, apply_overrides, load_yaml_config, preset_path
+    from colintern.data.synthdocs import ensure_synthdocs
+    from colintern.model.embedded import EMBEDDED_MODEL, ensure_embedded_model
     from colintern.evaluation import evaluate
     from colintern.hub import set_offline_mode
     from colintern.reports.compare import compare_models
     from colintern.reports.results import OTHER_TASKS
     from colintern.reports.training import training_report
-    from colintern.training import train
+    from colintern.training.trainer import train
 
     set_offline_mode()  # the demo needs nothing from the Hub
     started = time.perf_counter()

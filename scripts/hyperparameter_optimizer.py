@@ -27,7 +27,7 @@ logger = logging.getLogger("hyperparameter_optimizer")
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.advisor import format_recommendation, recommend
+    from colintern.tuning.advisor import format_recommendation, recommend
     from colintern.utils import atomic_write_json
 
     recommendation = recommend(
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colintern.advisor import COLPALI_TRAIN_SET_PAIRS, DEFAULT_EPOCHS, DEFAULT_QUERY_TOKENS
+    from colintern.tuning.advisor import COLPALI_TRAIN_SET_PAIRS, DEFAULT_EPOCHS, DEFAULT_QUERY_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(

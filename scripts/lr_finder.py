@@ -22,7 +22,7 @@ logger = logging.getLogger("lr_finder")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colintern.config import add_config_arguments
+    from colintern.training.arguments import add_config_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     finder = parser.add_argument_group("range test")
@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.config import config_from_args
+    from colintern.training.arguments import config_from_args
     from colintern.hub import prefer_offline_when_unreachable
-    from colintern.lr_finder import find_lr, plot_lr_finder
+    from colintern.training.lr_finder import find_lr, plot_lr_finder
     from colintern.utils import atomic_write_json
 
     config = config_from_args(args)

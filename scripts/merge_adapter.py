@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from colintern.export import merge_adapter
+    from colintern.training.export import merge_adapter
     from colintern.hub import prefer_offline_when_unreachable
 
     prefer_offline_when_unreachable()

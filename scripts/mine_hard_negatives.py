@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from colintern.hub import prefer_offline_when_unreachable
-    from colintern.negatives import MiningConfig, mine_hard_negatives
+    from colintern.training.negatives import MiningConfig, mine_hard_negatives
 
     prefer_offline_when_unreachable()
     config = MiningConfig(

@@ -39,8 +39,8 @@ logger = logging.getLogger("optuna_optimizer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colintern.config import add_config_arguments
-    from colintern.hpo import OBJECTIVES, PRUNERS
+    from colintern.training.arguments import add_config_arguments
+    from colintern.tuning.search import OBJECTIVES, PRUNERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("search")
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.config import config_from_args
-    from colintern.hpo import SearchSettings, SearchSpace, default_search_space_path, format_summary, run_search
+    from colintern.training.arguments import config_from_args
+    from colintern.tuning.search import SearchSettings, SearchSpace, default_search_space_path, format_summary, run_search
     from colintern.hub import prefer_offline_when_unreachable
 
     base = config_from_args(args)
@@ -96,7 +96,7 @@ def route_optuna_logging() -> None:
     """Optuna's messages through this script's log format instead of Optuna's own handler; failed trials in one line."""
     import optuna
 
-    from colintern.hpo import quiet_trial_failure_tracebacks
+    from colintern.tuning.search import quiet_trial_failure_tracebacks
 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.documents import PrepareConfig, prepare_dataset
+    from colintern.data.documents import PrepareConfig, prepare_dataset
 
     config = PrepareConfig(
         documents=args.documents,

@@ -23,8 +23,9 @@ logger = logging.getLogger("prepare_demo")
 
 
 def main(args: argparse.Namespace) -> int:
-    from colintern.embedded import build_tiny_checkpoint, ensure_embedded_model, ensure_synthdocs
-    from colintern.synthdocs import SynthDocsConfig, read_manifest, write_synthdocs
+    from colintern.data.synthdocs import ensure_synthdocs
+    from colintern.model.embedded import build_tiny_checkpoint, ensure_embedded_model
+    from colintern.data.synthdocs import SynthDocsConfig, read_manifest, write_synthdocs
 
     if args.output_dir is None and not args.force and args.seed == 0:
         model_dir, data_dir = ensure_embedded_model(), ensure_synthdocs()

@@ -26,7 +26,7 @@ def colintern_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(colintern_home) -> Path:
     """The embedded tiny InternVL checkpoint (built once per session)."""
-    from colintern.embedded import ensure_embedded_model
+    from colintern.model.embedded import ensure_embedded_model
 
     return ensure_embedded_model()
 
@@ -34,7 +34,7 @@ def tiny_model_dir(colintern_home) -> Path:
 @pytest.fixture(scope="session")
 def small_synthdocs_dir(tmp_path_factory) -> Path:
     """A small SynthDocs corpus (64 training pages, 24 test pages) for tests that need real files quickly."""
-    from colintern.synthdocs import SynthDocsConfig, write_synthdocs
+    from colintern.data.synthdocs import SynthDocsConfig, write_synthdocs
 
     return write_synthdocs(tmp_path_factory.mktemp("data") / "synthdocs", SynthDocsConfig(n_train=64, max_eval_pages=24))
 
@@ -42,7 +42,7 @@ def small_synthdocs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_retriever(tiny_model_dir):
     """(model, processor) for the tiny checkpoint, eval mode, one tile per page."""
-    from colintern.loading import load_retriever
+    from colintern.model.loading import load_retriever
 
     model, processor = load_retriever(str(tiny_model_dir), device="cpu", max_num_visual_tokens=16)
     return model.eval(), processor

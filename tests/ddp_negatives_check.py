@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from colpali_engine.loss import ColbertLoss
 
-from colintern.training import gather_pages
+from colintern.training.trainer import gather_pages
 
 BATCH, DIM = 3, 16
 
@@ -31,7 +31,7 @@ def main(out_path: str) -> None:
     loss.backward()
 
     # the same loss computed from every rank's pages, without any communication
-    from colintern.training import compact_multivectors
+    from colintern.training.trainer import compact_multivectors
 
     longest = max(7 + r for r in range(world))
     reference_pages = torch.cat([compact_multivectors(embeddings(200 + r, 7 + r), longest) for r in range(world)])

@@ -27,7 +27,7 @@ def build_tiny_adapter(
     (a stand-in for training steps), then saved with the processor. Returns the PeftModel (unmerged, eval mode)."""
     from peft import LoraConfig, get_peft_model
 
-    from colintern.loading import load_model, load_processor
+    from colintern.model.loading import load_model, load_processor
 
     model = load_model(str(base_dir), device="cpu")
     config = LoraConfig(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from colintern.synthdocs import CHARTS, COLOURS, SHAPES, PageSpec, render_page
+from colintern.data.synthdocs import CHARTS, COLOURS, SHAPES, PageSpec, render_page
 
 # (document id, number of pages): the readable documents
 GOOD_PDFS = {"reports/alpha.pdf": 4, "reports/beta.pdf": 3, "gamma.pdf": 3, "delta.pdf": 2, "epsilon.pdf": 3,

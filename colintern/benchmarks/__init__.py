@@ -28,7 +28,7 @@ SUBBENCHMARKS: dict[str, str] = {
     "train-step": "colintern.benchmarks.train_step",
 }
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "benchmarks"
+RESULTS_DIR = Path("results") / "benchmarks"  # relative to the working directory (the checkout's root in the docs)
 
 
 def machine_info() -> dict:

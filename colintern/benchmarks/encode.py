@@ -1,4 +1,4 @@
-"""`encode`: pages/s and queries/s of the evaluation path (`colintern.retrieval.encode_pages` / `encode_queries`: pages
+"""`encode`: pages/s and queries/s of the evaluation path (`colintern.model.encoding.encode_pages` / `encode_queries`: pages
 batched by tile count, queries by token count, image tokens kept in 16 bits) at several batch sizes, against mteb's
 `ColPaliEngineWrapper` (the loop mteb runs for colpali-engine models: batches in input order, padded, float32)
 driving the very same model and processor object.
@@ -136,7 +136,7 @@ def synthdocs_pages_and_queries(dataset: str, n_pages: int, n_queries: int) -> t
 
     import datasets
 
-    from colintern.embedded import resolve_embedded
+    from colintern.model.embedded import resolve_embedded
 
     root = Path(resolve_embedded(dataset))
     corpus = datasets.Dataset.from_parquet(str(root / "test" / "corpus.parquet"))
@@ -147,7 +147,7 @@ def synthdocs_pages_and_queries(dataset: str, n_pages: int, n_queries: int) -> t
 
 def rendered_pages_and_queries(page_size: tuple[int, int], n_pages: int, n_queries: int, seed: int = 0):
     """SynthDocs-style pages rendered at `page_size` (e.g. A4 at 150 dpi) and matching queries, deterministic."""
-    from colintern.synthdocs import all_combinations, make_query, render_page
+    from colintern.data.synthdocs import all_combinations, make_query, render_page
 
     rng = random.Random(f"encode-benchmark-{seed}")
     combos = all_combinations()
@@ -204,8 +204,8 @@ def benchmark_encode(plan: EncodeRun) -> dict:
 
     from colintern.benchmarks.full_size import InternVLSpec, forward_flops, peak_bf16_tflops, spec_from_config
     from colintern.benchmarks.measure import PeakMemory
-    from colintern.loading import default_attn_implementation, default_device, default_dtype
-    from colintern.retrieval import encode_pages, encode_queries
+    from colintern.model.loading import default_attn_implementation, default_device, default_dtype
+    from colintern.model.encoding import encode_pages, encode_queries
 
     device = torch.device(plan.device or default_device())
     if plan.threads:
@@ -235,8 +235,8 @@ def benchmark_encode(plan: EncodeRun) -> dict:
             "spec": describe(spec),
         }
     else:
-        from colintern.embedded import TinyModelConfig
-        from colintern.loading import load_retriever
+        from colintern.model.embedded import TinyModelConfig
+        from colintern.model.loading import load_retriever
 
         budget = plan.max_num_visual_tokens or TinyModelConfig().max_num_visual_tokens
         model, processor = load_retriever(

@@ -3,7 +3,7 @@
 Used by `scripts/benchmark.py <name> --full-size` to measure speed, memory and model FLOPs utilisation (MFU) of the
 shape users train and evaluate, on machines that cannot reach the Hub. The architecture is the config colintern
 ships for OpenGVLab/InternVL3_5-1B-HF (`colintern/configs/internvl3_5/InternVL3_5-1B`, read by
-`colintern.advisor.load_model_config`): InternViT-300M (24 layers, hidden 1024, 16 heads, MLP 4096, 448px tiles of
+`colintern.tuning.advisor.load_model_config`): InternViT-300M (24 layers, hidden 1024, 16 heads, MLP 4096, 448px tiles of
 14px patches) + a 2-layer MLP projector after a 0.5 pixel shuffle + Qwen3-0.6B (28 layers, hidden 1024, 16 query /
 8 key-value heads of 128, MLP 3072, vocabulary 151,936), plus colintern's 128-dim `custom_text_proj` head.
 `InternVLSpec` holds the same numbers for the FLOP count (`spec_from_config`); tests build tiny specs through the
@@ -90,7 +90,7 @@ FULL_SIZE_MODEL = "OpenGVLab/InternVL3_5-1B-HF"
 
 def full_size_config(name: str = FULL_SIZE_MODEL):
     """The shipped `InternVLConfig` of an InternVL3.5 preset (offline; no weights)."""
-    from colintern.advisor import load_model_config
+    from colintern.tuning.advisor import load_model_config
 
     return load_model_config(name)
 
@@ -171,8 +171,8 @@ def build_processor(spec: InternVLSpec, max_num_visual_tokens: int = 1536):
     from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    from colintern.embedded import build_tiny_tokenizer
-    from colintern.processing import ColIntern3_5Processor
+    from colintern.model.embedded import build_tiny_tokenizer
+    from colintern.model.processing import ColIntern3_5Processor
 
     tile = {"height": spec.image_size, "width": spec.image_size}
     return ColIntern3_5Processor(
@@ -191,7 +191,7 @@ def build_model(config, image_token_id: int, device, dtype, attn_implementation:
 
     import torch
 
-    from colintern.modeling import ColIntern3_5
+    from colintern.model.modeling import ColIntern3_5
 
     if isinstance(config, InternVLSpec):
         config = build_config(config, image_token_id)

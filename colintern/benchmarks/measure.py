@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from colintern.utils import ColinternError
+from colintern.utils import PACKAGE_DIR, ColinternError
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -118,9 +118,9 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[object, float]
 def run_worker(module: str, args: list[str], result_file: Path, timeout: float | None = None) -> dict:
     """Run `python -m <module> <args>` in a fresh process with this checkout first on the path; return the JSON it
     wrote to `result_file`. A failing worker raises ColinternError with the end of its output."""
-    repo_root = str(Path(__file__).resolve().parents[2])
+    package_parent = str(PACKAGE_DIR.parent)  # the checkout, or site-packages when installed
     env = dict(os.environ)
-    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = package_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     completed = subprocess.run(
         [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=timeout
     )

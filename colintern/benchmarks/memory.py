@@ -1,4 +1,4 @@
-"""Memory benchmark: the advisor's memory model (colintern.memory_model) against the measured peak of real training
+"""Memory benchmark: the advisor's memory model (colintern.tuning.memory_model) against the measured peak of real training
 steps, at several batch sizes.
 
     python scripts/benchmark.py memory                 # CPU: the embedded tiny model, LoRA and full, +/- checkpointing
@@ -26,7 +26,7 @@ import logging
 import time
 import weakref
 
-from colintern.memory_model import TrainingMemorySetup, estimate_peak_memory
+from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +122,13 @@ class TensorMemoryTracker(_dispatch_mode_base()):
 
 # ---------------------------------------------------------------------------------------------- one training step
 def _colbert_loss():
-    """The trainer's loss (colintern.training.build_loss: colpali-engine's ColbertLoss); where colpali-engine is not
+    """The trainer's loss (colintern.training.trainer.build_loss: colpali-engine's ColbertLoss); where colpali-engine is not
     installed (the GPU machines), the same computation (its torch backend: einsum scores, amax, sum, length
     normalisation, cross-entropy at temperature 0.02)."""
     try:
-        from colintern.training import build_loss
+        from colintern.training.trainer import build_loss
 
-        return build_loss("colbert"), "colpali_engine.loss.ColbertLoss (colintern.training.build_loss)"
+        return build_loss("colbert"), "colpali_engine.loss.ColbertLoss (colintern.training.trainer.build_loss)"
     except ImportError:
         import torch
         import torch.nn.functional as F
@@ -145,7 +145,7 @@ def narrow_config():
     """InternVL3.5-1B's config with narrow layers: same tiles (448px, patch 14, 256 tokens), vocabulary, GQA ratio."""
     from transformers.models.internvl import InternVLConfig
 
-    from colintern.advisor import preset_config_dir
+    from colintern.tuning.advisor import preset_config_dir
 
     data = json.loads((preset_config_dir(FULL_SIZE_MODEL) / "config.json").read_text())
     data["vision_config"].update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -160,8 +160,8 @@ def build_model(config, setup: TrainingMemorySetup, seed: int = 0):
     """ColIntern3_5 with random weights from `config`, on the setup's device and dtype, LoRA'd or fully trainable."""
     import torch
 
-    from colintern.advisor import LM_LORA_TARGET_REGEX, LORA_MODULES_TO_SAVE
-    from colintern.modeling import ColIntern3_5
+    from colintern.tuning.advisor import LM_LORA_TARGET_REGEX, LORA_MODULES_TO_SAVE
+    from colintern.model.modeling import ColIntern3_5
 
     torch.manual_seed(seed)
     dtype = getattr(torch, setup.dtype)
@@ -221,7 +221,7 @@ def make_training_step(model, loss_fn, queries, pages, setup: TrainingMemorySetu
     loss runs in float32; page embeddings are compacted to their image tokens; fused torch.optim.AdamW."""
     import torch
 
-    from colintern.training import compact_multivectors
+    from colintern.training.trainer import compact_multivectors
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=5e-5, weight_decay=0.0, fused=True)  # as colintern's trainer
@@ -282,7 +282,7 @@ def measure_and_predict(model_name: str, setup: TrainingMemorySetup, max_num_vis
     """Run a warm-up step and a measured step of `model_name` under `setup`; predict the same step's peak."""
     import torch
 
-    from colintern.advisor import analyze_architecture, load_model_config
+    from colintern.tuning.advisor import analyze_architecture, load_model_config
 
     config = narrow_config() if model_name == NARROW_MODEL else load_model_config(model_name)
     arch = analyze_architecture(config, lora_rank=setup.lora_rank or 32, max_num_visual_tokens=max_num_visual_tokens)
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from colintern.benchmarks import record
-    from colintern.embedded import EMBEDDED_MODEL
+    from colintern.model.embedded import EMBEDDED_MODEL
     from colintern.utils import ColinternError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

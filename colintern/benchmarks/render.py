@@ -72,7 +72,7 @@ def _size(folder: Path) -> int:
 
 def run(args) -> int:
     from colintern.benchmarks import record
-    from colintern.documents import PrepareConfig, prepare_dataset
+    from colintern.data.documents import PrepareConfig, prepare_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

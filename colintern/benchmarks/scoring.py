@@ -101,7 +101,7 @@ def make_inputs(config: ScoringInputsConfig) -> tuple[list, list, list[int]]:
 def load_scorer(name: str):
     """(scorer(queries, pages, device) -> (Q, D) scores, details dict). Imports the library (before the baseline)."""
     if name == "colintern":
-        from colintern.scoring import lik_available, max_sim
+        from colintern.model.scoring import lik_available, max_sim
 
         def score(queries, pages, device):
             return max_sim(queries, pages, device=device)
@@ -353,7 +353,7 @@ def benchmark_scoring(plan: ScoringRun) -> dict:
     import torch
 
     from colintern.benchmarks.measure import run_worker
-    from colintern.scoring import max_sim_reference
+    from colintern.model.scoring import max_sim_reference
 
     config = plan.inputs
     load_before = os.getloadavg()

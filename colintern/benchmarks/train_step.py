@@ -1,12 +1,12 @@
 """`train-step`: samples/s and peak memory of optimizer steps taken by colintern's trainer against the same steps taken
-the way colpali-engine's `ContrastiveTrainer` takes them: same model (built by `colintern.training.build_model` from
+the way colpali-engine's `ContrastiveTrainer` takes them: same model (built by `colintern.training.trainer.build_model` from
 the same seed), same rows, same batch size, same learning rate and schedule, same loss (colpali-engine's ColbertLoss).
 
     python scripts/benchmark.py train-step                       # CPU: the demo preset (embedded tiny model)
     python scripts/benchmark.py train-step --full-size           # GPU: InternVL3.5-1B architecture, LoRA, bf16
 
 The two ways:
-  * `colintern`: `colintern.training.build_trainer` as `scripts/train.py` runs it (ColInternTrainer,
+  * `colintern`: `colintern.training.trainer.build_trainer` as `scripts/train.py` runs it (ColInternTrainer,
     RetrievalCollator decoding pages in the collator, the preset's DataLoader workers, pages compacted to their image
     tokens before the loss, length-grouped batches where page sizes vary, AdamW over parameter groups).
   * `colpali_engine`: `ContrastiveTrainer` + `VisualRetrieverCollator` + `ColPaliEngineDataset` over the same rows
@@ -225,7 +225,7 @@ def _worker_main(argv: list[str]) -> None:
 def run_config(plan: TrainStepRun, workers: int | None, output_dir: Path, model_dir: Path | None = None):
     """The preset's configuration for a short timed run: no evaluation, no checkpoints, no loggers. `model_dir`:
     the saved random-weight checkpoint of --full-size."""
-    from colintern.config import RunConfig, apply_overrides, load_yaml_config, preset_path
+    from colintern.training.arguments import RunConfig, apply_overrides, load_yaml_config, preset_path
 
     config = RunConfig()
     apply_overrides(config, load_yaml_config(preset_path(plan.preset)), f"preset {plan.preset}")
@@ -314,7 +314,7 @@ def measure_way(plan: TrainStepRun, way: str, workers: int | None, tmp: Path) ->
 
 
 def _colintern_trainer(config, clock, plan: TrainStepRun):
-    from colintern.training import build_trainer
+    from colintern.training.trainer import build_trainer
 
     prepared = build_trainer(config, callbacks=[clock], save_checkpoints=False, validate_resume=False)
     if plan.full_size:
@@ -332,13 +332,13 @@ def _colpali_trainer(config, clock, plan: TrainStepRun):
     from colpali_engine.trainer.contrastive_trainer import ContrastiveTrainer
     from transformers import TrainingArguments
 
-    from colintern.data import build_datasets
-    from colintern.training import build_model, recipe_arguments
+    from colintern.data.pairs import build_datasets
+    from colintern.training.trainer import NEGATIVE_LOSSES, build_model, recipe_arguments
 
     training = config.training
     torch.manual_seed(training.seed)
     model, processor = build_model(config)
-    rows = build_datasets(config, processor).train_dataset  # the same validated rows colintern trains on
+    rows = build_datasets(config, processor, use_negatives=training.loss in NEGATIVE_LOSSES).train_dataset  # the same validated rows colintern trains on
     if plan.full_size:
         rows = _resized(rows, config, plan)
     rows = rows.cast_column(config.data.image_column, datasets.Image(decode=True))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colintern.checkpoints import CheckpointInfo, describe_checkpoint
+from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
 from colintern.evaluation.results import (
     BenchmarkAverage,
     TaskScores,
@@ -377,7 +377,7 @@ def evaluate_in_memory(
     """
     import mteb
 
-    from colintern.embedded import resolve_embedded
+    from colintern.model.embedded import resolve_embedded
     from colintern.evaluation.tasks import local_retrieval_task
     from mteb_wrappers.colintern3_5_models import ColIntern3_5Wrapper
 

@@ -29,7 +29,7 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from colintern.embedded import EMBEDDED_DATASET, resolve_embedded
+from colintern.data.synthdocs import EMBEDDED_DATASET, resolve_dataset
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class LocalRetrievalTask(AbsTaskRetrieval):
     data_path: ClassVar[str]
 
     def data_folder(self) -> Path:
-        return Path(resolve_embedded(str(self.data_path))).expanduser()
+        return Path(resolve_dataset(str(self.data_path))).expanduser()
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
@@ -216,7 +216,7 @@ def local_retrieval_task(
 def synthdocs_revision(config=None) -> str:
     """The SynthDocs data revision: format version + a hash of the generation parameters (the data is a function
     of both)."""
-    from colintern.synthdocs import FORMAT_VERSION, SynthDocsConfig
+    from colintern.data.synthdocs import FORMAT_VERSION, SynthDocsConfig
 
     config = asdict(config or SynthDocsConfig())
     digest = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=6).hexdigest()
@@ -247,7 +247,7 @@ class SynthDocsRetrieval(LocalRetrievalTask):
     @classmethod
     def for_folder(cls, folder: str | Path, splits: Sequence[str] | None = None) -> SynthDocsRetrieval:
         """SynthDocsRetrieval over another SynthDocs folder (other seed or size); its revision records its config."""
-        from colintern.synthdocs import SynthDocsConfig, read_manifest
+        from colintern.data.synthdocs import SynthDocsConfig, read_manifest
 
         folder = Path(folder).expanduser().resolve()
         manifest = read_manifest(folder)

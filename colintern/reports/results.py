@@ -20,18 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colintern.utils import ColinternError
+from colintern.utils import REFERENCES_DIR, ColinternError
 
 if TYPE_CHECKING:  # pragma: no cover
     from mteb import TaskResult
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where `scripts/evaluate.py` writes by default (an mteb ResultCache root), relative to the working directory.
 DEFAULT_EVALUATION_ROOT = Path("results/mteb_evaluation")
 # The reference scores shipped with colintern.
-DEFAULT_LEADERBOARD_DIR = REPO_ROOT / "results" / "leaderboard"
+DEFAULT_LEADERBOARD_DIR = REFERENCES_DIR
 # Benchmarks whose tasks are grouped (and averaged) together, in display order. A task in none of them is shown in
 # its own group without an average. ViDoRe(v1)/(v2) rank by NDCG@5, ViDoRe(v3) by NDCG@10 (mteb's main scores).
 KNOWN_BENCHMARKS: tuple[str, ...] = ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)")

@@ -1,0 +1,195 @@
+"""The embedded default: a tiny InternVL-architecture checkpoint and the SynthDocs corpus, built locally.
+
+Nothing here downloads anything. The checkpoint is saved with `save_pretrained` in the Hub's layout
+(`InternVLForConditionalGeneration` weights with `model.`-prefixed keys, a Qwen2 tokenizer, `InternVLProcessor`
+with `GotOcr2ImageProcessor`), so it loads through exactly the `from_pretrained` path of OpenGVLab/InternVL3_5-1B-HF.
+
+Aliases understood wherever a model or dataset path is expected:
+    embedded:tiny-internvl3_5   the tiny base checkpoint (random weights, seed 0)
+    embedded:synthdocs          the SynthDocs corpus (seed 0)
+Both are built on first use under `$COLINTERN_HOME` (default ~/.cache/colintern) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from colintern.data.synthdocs import EMBEDDED_DATASET, resolve_dataset
+from colintern.utils import atomic_directory, cache_dir, file_lock, manifest_matches
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:tiny-internvl3_5"
+IMAGE_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+BUILD_FORMAT_VERSION = 3  # bump when what `build_tiny_checkpoint` writes changes
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the embedded checkpoint: ~1M parameters, measured to learn SynthDocs in minutes on 2 CPU cores.
+
+    A 128px tile, 16px patches: 8 x 8 patches, pixel shuffle 0.5 -> 16 image tokens per tile.
+    """
+
+    seed: int = 0
+    image_size: int = 128
+    patch_size: int = 16
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    intermediate_factor: int = 2
+    tokenizer_vocab_size: int = 640
+    max_num_visual_tokens: int = 16  # one tile per page
+
+    @property
+    def image_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 // 4
+
+
+def _tokenizer_training_text() -> list[str]:
+    """Words the demo's queries and prompts use, so that each becomes one token (bytes cover everything else)."""
+    from colintern.data import synthdocs
+
+    words = set()
+    for phrase in [*synthdocs.COLOURS, *synthdocs.SHAPES, *synthdocs.CHARTS, *synthdocs.DOC_WORDS]:
+        words.update(phrase.split())
+    for template in synthdocs.QUERY_TEMPLATES:
+        words.update(w.strip("{},?") for w in template.split() if not w.startswith("{"))
+    words.update("Query: query Describe the image user page document".split())
+    words.discard("")
+    words = sorted(words)
+    return [w for w in words for _ in range(30)] + [" " + w for w in words for _ in range(30)]
+
+
+def build_tiny_tokenizer(vocab_size: int = 640):
+    """A byte-level BPE tokenizer trained in memory, wrapped as the Qwen2 tokenizer InternVL3.5 uses."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", *CHAT_TOKENS, *IMAGE_SPECIAL_TOKENS.values()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_tokenizer_training_text(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = {token: index for token, index in model["vocab"].items() if token not in specials}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=dict(IMAGE_SPECIAL_TOKENS))
+    tokenizer.add_tokens(CHAT_TOKENS, special_tokens=True)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_internvl_config(spec: TinyModelConfig, vocab_size: int, image_token_id: int, pad_token_id: int | None = None):
+    from transformers import Qwen3Config
+    from transformers.models.internvl import InternVLConfig, InternVLVisionConfig
+
+    vision = InternVLVisionConfig(
+        hidden_size=spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        intermediate_size=spec.vision_hidden * spec.intermediate_factor,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        norm_type="layer_norm",
+        use_mean_pooling=True,
+    )
+    text = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * spec.intermediate_factor,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        head_dim=spec.text_hidden // spec.text_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=pad_token_id,
+        eos_token_id=pad_token_id,
+        pad_token_id=pad_token_id,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=spec.image_seq_length,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_tiny_checkpoint(output_dir: str | Path, spec: TinyModelConfig = TinyModelConfig()) -> Path:
+    """Write the tiny base checkpoint (random weights from `spec.seed`) in the Hub's InternVL layout."""
+    import torch
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+    from transformers.models.internvl import InternVLForConditionalGeneration
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    from colintern.model.processing import ColIntern3_5Processor
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tiny_tokenizer(spec.tokenizer_vocab_size)
+    config = tiny_internvl_config(spec, len(tokenizer), tokenizer.context_image_token_id, tokenizer.pad_token_id)
+    tile = {"height": spec.image_size, "width": spec.image_size}
+    # Saved as InternVLProcessor's files plus the model's visual-token budget (one tile: the tiny model was made
+    # for it); InternVLProcessor.from_pretrained reads the same folder.
+    processor = ColIntern3_5Processor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=12),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=spec.image_seq_length,
+        max_num_visual_tokens=spec.max_num_visual_tokens,
+    )
+    torch.manual_seed(spec.seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        manifest = {"name": "tiny-internvl3_5", "format_version": BUILD_FORMAT_VERSION, "spec": asdict(spec)}
+        (tmp / "colintern_embedded.json").write_text(json.dumps(manifest, indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("Built tiny InternVL checkpoint (%.2fM parameters) in %s", n_params / 1e6, output_dir)
+    return output_dir
+
+
+def _expected_model_manifest() -> dict:
+    return {"format_version": BUILD_FORMAT_VERSION, "spec": asdict(TinyModelConfig())}
+
+
+def ensure_embedded_model(root: str | Path | None = None) -> Path:
+    """Path of the embedded checkpoint, building it on first use (safe under concurrent callers)."""
+    path = Path(root or cache_dir()) / "tiny-internvl3_5"
+    if manifest_matches(path, "colintern_embedded.json", _expected_model_manifest()):
+        return path
+    with file_lock(path.parent / ".tiny-internvl3_5.lock"):
+        if not manifest_matches(path, "colintern_embedded.json", _expected_model_manifest()):
+            build_tiny_checkpoint(path)
+    return path
+
+
+def resolve_embedded(name_or_path: str) -> str:
+    """Turn an `embedded:` alias (model or dataset) into a local path, building it if needed; others pass through."""
+    if name_or_path == EMBEDDED_MODEL:
+        return str(ensure_embedded_model())
+    if name_or_path.startswith("embedded:") and name_or_path != EMBEDDED_DATASET:
+        raise ValueError(f"Unknown embedded asset {name_or_path!r}; known: {EMBEDDED_MODEL}, {EMBEDDED_DATASET}")
+    return resolve_dataset(name_or_path)

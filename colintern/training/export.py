@@ -1,0 +1,105 @@
+"""Merged export: base model + PEFT adapter -> one standalone ColIntern3_5 checkpoint that loads without peft.
+
+The output folder holds `model.safetensors` + `config.json` (architectures: ColIntern3_5, embedding_dim), the
+processor files, and a model card (README.md) with the training configuration and, when results exist, the
+evaluation table. `ColIntern3_5.from_pretrained`, `load_retriever` and `ColIntern3_5Wrapper` load it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from colintern.utils import ColinternError, atomic_directory
+
+logger = logging.getLogger(__name__)
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+    results: list[dict] | None = None,
+) -> Path:
+    """Merge the adapter into its base model and write a standalone checkpoint to `output_dir` (atomically)."""
+    from colintern.model.loading import is_adapter_dir, load_retriever
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise ColinternError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    model, processor = load_retriever(str(adapter_dir), device="cpu", dtype=dtype or torch.float32, merge=True,
+                                      base_model=base_model)
+    if model.head_is_untrained():
+        raise ColinternError(f"{adapter_dir}: the projection head is untrained; merging would export a useless model")
+    model.config.architectures = ["ColIntern3_5"]
+    run_config = _read_json(adapter_dir / "colintern_run.json")
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(adapter_dir, run_config, results))
+        if run_config:
+            (tmp / "colintern_run.json").write_text(json.dumps(run_config, indent=2))
+    logger.info("Merged %s into a standalone checkpoint at %s", adapter_dir, output_dir)
+    return output_dir
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_card(adapter_dir: Path, run_config: dict | None, results: list[dict] | None) -> str:
+    """A Hugging Face model card: what the model is, how it was trained, how it scores, how to load it."""
+    adapter = _read_json(adapter_dir / "adapter_config.json") or {}
+    base = adapter.get("base_model_name_or_path", "unknown")
+    lines = [
+        "---",
+        "library_name: colintern",
+        "pipeline_tag: visual-document-retrieval",
+        "tags: [colpali, late-interaction, internvl3_5, multi-vector]",
+        f"base_model: {base}" if not str(base).startswith("embedded:") else "base_model: null",
+        "---",
+        "",
+        f"# {adapter_dir.name} (ColIntern3.5, merged)",
+        "",
+        f"A ColPali-style multi-vector retriever: `{base}` with a 128-dim `custom_text_proj` head, fine-tuned with",
+        "LoRA on the language model and merged into standalone weights (no peft needed to load it).",
+        "",
+        "```python",
+        "from colintern import load_retriever",
+        'model, processor = load_retriever("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    if run_config:
+        training, lora = run_config.get("training", {}), run_config.get("lora", {})
+        data = run_config.get("data", {})
+        lines += [
+            "## Training",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            f"| data | {data.get('dataset')} |",
+            f"| epochs / max steps | {training.get('epochs')} / {training.get('max_steps')} |",
+            f"| batch x accumulation | {training.get('batch_size')} x {training.get('grad_accum')} |",
+            f"| learning rate | {training.get('lr')} (warm-up {training.get('warmup_steps')}, {training.get('scheduler')}) |",
+            f"| LoRA | r={lora.get('rank')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')} |",
+            f"| loss | {training.get('loss')} |",
+            "",
+        ]
+    if results:
+        lines += ["## Evaluation", "", "| task | NDCG@5 | NDCG@10 | Recall@100 |", "|---|---|---|---|"]
+        for row in results:
+            lines.append(
+                f"| {row['task']} | {row.get('ndcg_at_5', float('nan')):.4f} | {row.get('ndcg_at_10', float('nan')):.4f}"
+                f" | {row.get('recall_at_100', float('nan')):.4f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

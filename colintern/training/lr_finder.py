@@ -1,0 +1,150 @@
+"""Learning-rate range test (L. Smith, "Cyclical Learning Rates", 2015; the fastai LR finder).
+
+The learning rate grows exponentially from `lr_min` to `lr_max` over `steps` optimizer steps of the real training
+setup (same model, data, loss, optimizer); the loss is smoothed with a bias-corrected exponential moving average and
+the sweep stops once it diverges (smoothed loss above `divergence` x its minimum). The suggestion is the learning rate
+of steepest descent of the smoothed loss against log(lr), before the minimum: the region where a higher rate still
+makes faster progress. A second reference, the minimum's rate / 10, is reported too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from colintern.training.arguments import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LRFinderResult:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggestion: float | None = None
+    min_loss_lr: float | None = None
+    diverged_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Recorder(TrainerCallback):
+    def __init__(self, result: LRFinderResult, beta: float, divergence: float, skip_start: int):
+        self.result, self.beta, self.divergence, self.skip_start = result, beta, divergence, skip_start
+        self.average = 0.0
+        self.best = math.inf
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not logs or "loss" not in logs or "learning_rate" not in logs:
+            return control
+        loss, lr = float(logs["loss"]), float(logs["learning_rate"])
+        step = len(self.result.losses) + 1
+        self.average = self.beta * self.average + (1 - self.beta) * loss
+        smoothed = self.average / (1 - self.beta**step)
+        self.result.lrs.append(lr)
+        self.result.losses.append(loss)
+        self.result.smoothed.append(smoothed)
+        if step > self.skip_start:
+            self.best = min(self.best, smoothed)
+            if not math.isfinite(loss) or smoothed > self.divergence * self.best:
+                self.result.diverged_at = lr
+                control.should_training_stop = True
+        return control
+
+
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 10) -> tuple[float | None, float | None]:
+    """(steepest-descent lr before the minimum, lr of the minimum smoothed loss)."""
+    if len(lrs) < skip_start + 3:
+        return None, None
+    lrs_arr, loss_arr = np.asarray(lrs[skip_start:]), np.asarray(smoothed[skip_start:])
+    finite = np.isfinite(loss_arr)
+    lrs_arr, loss_arr = lrs_arr[finite], loss_arr[finite]
+    minimum = int(np.argmin(loss_arr))
+    if minimum < 2:
+        return None, float(lrs_arr[minimum])
+    gradient = np.gradient(loss_arr[: minimum + 1], np.log(lrs_arr[: minimum + 1]))
+    return float(lrs_arr[int(np.argmin(gradient))]), float(lrs_arr[minimum])
+
+
+def find_lr(
+    config: RunConfig,
+    lr_min: float = 1e-7,
+    lr_max: float = 1.0,
+    steps: int = 200,
+    divergence: float = 4.0,
+    beta: float = 0.9,
+    skip_start: int = 10,
+) -> LRFinderResult:
+    """Sweep the learning rate over `steps` real training steps of `config`; nothing is saved but the config."""
+    from colintern.training.trainer import build_trainer
+
+    config.training.max_steps = steps
+    config.training.warmup_steps = 0
+    config.training.eval_steps = None
+    config.training.logging_steps = 1
+    config.training.report_to = "none"
+    config.training.resume = None
+    config.training.early_stopping_patience = None
+    ratio = lr_max / lr_min
+
+    def exponential(optimizer):
+        # each parameter group starts at lr_min x (its lr / the main lr), keeping per-part ratios
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr_min * group["lr"] / config.training.lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (step / max(1, steps - 1)))
+
+    result = LRFinderResult()
+    run = build_trainer(config, [_Recorder(result, beta, divergence, skip_start)], scheduler_fn=exponential,
+                        save_checkpoints=False, validate_resume=False)
+    for group in run.trainer.optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    run.stop.install()
+    try:
+        run.trainer.train()
+    finally:
+        run.stop.uninstall()
+    result.suggestion, result.min_loss_lr = suggest(result.lrs, result.smoothed, skip_start)
+    return result
+
+
+def plot_lr_finder(result: LRFinderResult, path: str | Path, title: str = "Learning-rate range test") -> Path:
+    """Loss (raw and smoothed) against learning rate on a log axis, with the suggestion marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss per step")
+    ax.plot(result.lrs, result.smoothed, color="C0", linewidth=2, label="smoothed loss")
+    if result.suggestion:
+        ax.axvline(result.suggestion, color="C2", linestyle="--", label=f"suggestion {result.suggestion:.2e} (steepest)")
+    if result.min_loss_lr:
+        ax.axvline(result.min_loss_lr, color="C3", linestyle=":", label=f"minimum {result.min_loss_lr:.2e}")
+    if result.diverged_at:
+        ax.axvline(result.diverged_at, color="C1", linestyle="-.", label=f"diverged {result.diverged_at:.2e}")
+    ax.set_xscale("log")
+    finite = [v for v in result.smoothed if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

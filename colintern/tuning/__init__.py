@@ -1,0 +1,4 @@
+"""Tuning: architecture analysis, the memory model, the hyperparameter advisor, ablations and the Optuna search.
+
+Imports `colintern.training` and everything below it.
+"""

@@ -1,0 +1,69 @@
+import io
+import json
+
+import datasets
+from PIL import Image
+
+from colintern.data.synthdocs import (
+    SynthDocsConfig,
+    all_combinations,
+    generate_retrieval_split,
+    generate_train_rows,
+    split_combinations,
+)
+
+SMALL = SynthDocsConfig(n_train=24, max_eval_pages=12)
+
+
+def test_generation_is_deterministic_from_the_seed():
+    assert generate_train_rows(SMALL) == generate_train_rows(SMALL)
+    assert generate_retrieval_split(SMALL, "test") == generate_retrieval_split(SMALL, "test")
+    other = generate_train_rows(SynthDocsConfig(seed=1, n_train=24))
+    assert [r["image"]["bytes"] for r in other] != [r["image"]["bytes"] for r in generate_train_rows(SMALL)]
+
+
+def test_splits_partition_the_attribute_combinations():
+    splits = split_combinations(SynthDocsConfig())
+    sets = {name: set(combos) for name, combos in splits.items()}
+    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["validation"])
+    assert not (sets["test"] & sets["validation"])
+    assert set().union(*sets.values()) == set(all_combinations())
+    assert len(sets["test"]) == round(0.15 * len(all_combinations()))
+
+
+def test_training_rows_only_show_training_combinations():
+    train_answers = {r["answer"] for r in generate_train_rows(SMALL)}
+    held_out = {spec.describe() for name in ("test", "validation") for spec in split_combinations(SMALL)[name]}
+    assert train_answers and not (train_answers & held_out)
+
+
+def test_document_ids_carry_no_hint_of_relevance():
+    split = generate_retrieval_split(SynthDocsConfig(max_eval_pages=40), "test")
+    ids = [row["id"] for row in split["corpus"]]
+    assert len(set(ids)) == len(ids) and all(len(i) == 12 for i in ids)
+    # the corpus is sorted by id; the relevant page's position is unrelated to the query's position
+    query_order = [row["id"] for row in split["queries"]]
+    relevant = {row["query-id"]: row["corpus-id"] for row in split["qrels"]}
+    positions = [ids.index(relevant[q]) for q in query_order]
+    assert positions != sorted(positions)
+
+
+def test_written_dataset_has_the_colpali_train_set_layout(small_synthdocs_dir):
+    train = datasets.load_dataset(str(small_synthdocs_dir / "train"), split="train")
+    assert {"query", "image", "image_filename", "answer", "source"} <= set(train.column_names)
+    assert isinstance(train.features["image"], datasets.Image)
+    assert isinstance(train[0]["image"], Image.Image) and train[0]["image"].mode == "RGB"
+    for name, columns in {"corpus": {"id", "image"}, "queries": {"id", "text"}, "qrels": {"query-id", "corpus-id", "score"}}.items():
+        table = datasets.load_dataset("parquet", data_files=str(small_synthdocs_dir / "test" / f"{name}.parquet"), split="train")
+        assert columns <= set(table.column_names)
+    manifest = json.loads((small_synthdocs_dir / "synthdocs.json").read_text())
+    assert manifest["counts"]["train"] == 64 and manifest["counts"]["test"]["corpus"] == 24
+
+
+def test_pages_look_like_documents():
+    row = generate_train_rows(SMALL)[0]
+    page = Image.open(io.BytesIO(row["image"]["bytes"]))
+    assert page.size == (SMALL.page_width, SMALL.page_height)
+    # mostly white paper
+    white = sum(1 for p in page.getdata() if p == (255, 255, 255))
+    assert white > 0.5 * page.width * page.height

@@ -1,0 +1,90 @@
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.models.internvl import InternVLForConditionalGeneration
+
+from colintern.model.loading import load_model, load_processor, load_retriever
+from colintern.model.modeling import ColIntern3_5
+from colintern.utils import ColinternError
+
+
+def backbone_state(model_dir):
+    return InternVLForConditionalGeneration.from_pretrained(str(model_dir)).model.state_dict()
+
+
+def test_embedded_checkpoint_round_trips_offline(tiny_model_dir):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    reference = backbone_state(tiny_model_dir)
+    model = ColIntern3_5.from_pretrained(str(tiny_model_dir))
+    state = model.state_dict()
+    assert all(torch.equal(reference[k], state[k]) for k in reference)
+    assert set(state) - set(reference) == {"custom_text_proj.weight", "custom_text_proj.bias"}
+
+
+def test_hub_layout_with_model_prefix_and_lm_head_loads(tiny_model_dir, tmp_path):
+    """OpenGVLab/InternVL3_5-1B-HF stores InternVLForConditionalGeneration keys: model.*-prefixed, plus lm_head."""
+    hub_dir = tmp_path / "hub-layout"
+    shutil.copytree(tiny_model_dir, hub_dir)
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    renamed = {}
+    for key, value in weights.items():
+        if key.startswith("language_model.model."):
+            renamed["model.language_model." + key[len("language_model.model.") :]] = value
+        else:
+            renamed["model." + key] = value
+    renamed["lm_head.weight"] = weights["language_model.model.embed_tokens.weight"].clone()
+    assert all(k.startswith(("model.", "lm_head")) for k in renamed)
+    save_file(renamed, str(hub_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    reference = backbone_state(tiny_model_dir)
+    state = ColIntern3_5.from_pretrained(str(hub_dir)).state_dict()
+    assert all(torch.equal(reference[k], state[k]) for k in reference)
+
+
+def test_saved_retriever_round_trips_with_its_head(tiny_retriever, tmp_path):
+    model, processor = tiny_retriever
+    trained = ColIntern3_5(model.config)
+    trained.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        trained.custom_text_proj.weight.mul_(3.0)
+    trained.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded, reloaded_processor = load_retriever(str(tmp_path), device="cpu")
+    assert torch.equal(reloaded.custom_text_proj.weight, trained.custom_text_proj.weight)
+    assert not reloaded.head_is_untrained()
+    assert reloaded_processor.max_num_visual_tokens == processor.max_num_visual_tokens
+
+
+def test_processor_round_trip_gives_identical_inputs(tiny_retriever, tmp_path):
+    from PIL import Image
+
+    _, processor = tiny_retriever
+    processor.save_pretrained(tmp_path)
+    again = load_processor(str(tmp_path))
+    page = [Image.new("RGB", (150, 220), "orange")]
+    a, b = processor.process_images(page), again.process_images(page)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    q = ["cyan header with a bar chart"]
+    assert torch.equal(processor.process_queries(q)["input_ids"], again.process_queries(q)["input_ids"])
+
+
+def test_model_loads_in_float32_with_sdpa_on_cpu(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), device="cpu")
+    assert model.dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unknown_hub_id_offline_gives_a_clear_error(colintern_home):
+    with pytest.raises(ColinternError) as info:
+        load_model("OpenGVLab/this-model-does-not-exist", device="cpu")
+    message = str(info.value)
+    assert "OpenGVLab/this-model-does-not-exist" in message
+    assert "--preset demo" in message and "huggingface-cli download" in message
+
+
+def test_missing_local_folder_gives_a_clear_error():
+    with pytest.raises(ColinternError, match="no such folder"):
+        load_model("./no/such/checkpoint", device="cpu")

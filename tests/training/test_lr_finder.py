@@ -1,0 +1,31 @@
+import math
+
+import numpy as np
+
+from colintern.training.lr_finder import find_lr, plot_lr_finder, suggest
+
+from tests.training.test_trainer import small_run
+
+
+def test_suggestion_is_the_steepest_descent_before_the_minimum():
+    lrs = list(np.logspace(-6, 0, 120))
+    x = np.log10(lrs)
+    # loss falls fastest around 1e-3, bottoms out near 1e-2, then blows up
+    loss = list(3 - 1.5 * np.tanh(2 * (x + 3)) + np.where(x > -2, 20 * (x + 2) ** 2, 0))
+    steepest, minimum = suggest(lrs, loss, skip_start=5)
+    assert 5e-4 < steepest < 2e-3
+    assert 3e-3 < minimum < 3e-2
+
+
+def test_range_test_on_the_tiny_model_sweeps_exponentially_and_plots(colintern_home, small_synthdocs_dir, tmp_path):
+    config = small_run(tmp_path, small_synthdocs_dir, name="lrf")
+    config.lora.enabled = False
+    result = find_lr(config, lr_min=1e-5, lr_max=1e-1, steps=24, skip_start=3)
+    assert 10 <= len(result.lrs) <= 24
+    ratios = np.diff(np.log(result.lrs))
+    assert np.allclose(ratios, ratios[0], rtol=1e-3)  # exponential schedule
+    assert math.isclose(result.lrs[0], 1e-5, rel_tol=1e-6)
+    assert result.min_loss_lr is not None
+    png = plot_lr_finder(result, tmp_path / "lr.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not list((tmp_path / "lrf").glob("checkpoint-*"))  # the sweep saves nothing

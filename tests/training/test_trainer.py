@@ -1,0 +1,223 @@
+"""Training on the tiny real model and a small real SynthDocs folder (in-process where possible, for speed)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from colintern.training.arguments import RunConfig
+from colintern.training.trainer import (
+    NonFiniteLossError,
+    build_model,
+    compact_multivectors,
+    parameter_groups,
+    train,
+    trainable_parameter_names,
+)
+from colintern.utils import ColinternError
+
+from tests.conftest import REPO_ROOT
+
+
+def small_run(tmp_path, dataset, name="run", **training) -> RunConfig:
+    config = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": "embedded:tiny-internvl3_5", "max_num_visual_tokens": 16, "dtype": "float32"},
+            "data": {"dataset": str(dataset), "eval_split": "validation", "max_eval_samples": 8},
+            "lora": {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.1},
+            "training": {
+                "output_dir": str(tmp_path / name), "max_steps": 6, "batch_size": 4, "grad_accum": 1, "lr": 2e-3,
+                "warmup_steps": 1, "save_steps": 2, "eval_steps": 100, "logging_steps": 1, "report_to": "none",
+                "gradient_checkpointing": False, "dataloader_num_workers": 0, "seed": 3, **training,
+            },
+        }
+    )
+    return config
+
+
+def adapter_weights(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_compact_multivectors_keeps_real_tokens_and_never_adds_a_new_max():
+    x = torch.zeros(2, 6, 4)
+    x[0, 2:5] = torch.nn.functional.normalize(-torch.rand(3, 4), dim=-1)  # 3 real tokens, all negative
+    x[1, 1:] = torch.nn.functional.normalize(torch.rand(5, 4), dim=-1)  # 5 real tokens
+    out = compact_multivectors(x)
+    assert out.shape == (2, 5, 4)
+    assert torch.equal(out[1], x[1, 1:])
+    assert torch.equal(out[0, :3], x[0, 2:5]) and torch.equal(out[0, 3:], x[0, 2:4])  # padding repeats real tokens
+    q = torch.ones(1, 4)
+    assert torch.allclose((q @ out[0].T).max(), (q @ x[0, 2:5].T).max())
+
+
+def test_peft_trains_only_language_model_lora_and_the_head(colintern_home, small_synthdocs_dir, tmp_path):
+    model, _ = build_model(small_run(tmp_path, small_synthdocs_dir))
+    names = trainable_parameter_names(model)
+    assert names, "nothing is trainable"
+    lora = [n for n in names if "lora_" in n]
+    head = [n for n in names if "custom_text_proj" in n]
+    assert set(names) == set(lora) | set(head)
+    assert all(re.search(r"language_model\.layers\.\d+\.(self_attn|mlp)\.", n) for n in lora)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in names)
+    assert {n.rsplit(".", 1)[-1] for n in head} == {"weight", "bias"} and len(head) == 2
+    groups = parameter_groups(model, small_run(tmp_path, small_synthdocs_dir, lr_head=1e-2))
+    assert {g["name"]: g["lr"] for g in groups} == {"lora_or_language_model": 2e-3, "head": 1e-2}
+
+
+def test_full_finetuning_with_and_without_the_vision_tower(colintern_home, small_synthdocs_dir, tmp_path):
+    config = small_run(tmp_path, small_synthdocs_dir)
+    config.lora.enabled = False
+    names = trainable_parameter_names(build_model(config)[0])
+    assert any(n.startswith("language_model.") for n in names) and "custom_text_proj.weight" in names
+    assert not any(n.startswith(("vision_tower", "multi_modal_projector")) for n in names)
+    config.training.train_vision = True
+    config.training.lr_vision = 1e-4
+    model = build_model(config)[0]
+    assert any(n.startswith("vision_tower") for n in trainable_parameter_names(model))
+    lrs = {g["name"]: g["lr"] for g in parameter_groups(model, config)}
+    assert lrs == {"lora_or_language_model": 2e-3, "head": 2e-3, "vision": 1e-4}
+
+
+def test_adapter_reloads_in_a_fresh_process_with_identical_embeddings(colintern_home, small_synthdocs_dir, tmp_path):
+    from PIL import Image
+
+    from colintern.model.encoding import encode_pages, encode_queries
+
+    config = small_run(tmp_path, small_synthdocs_dir, max_steps=3)
+    result = train(config)
+    out = result.output_dir
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "processor_config.json").is_file() and (out / "colintern_run.json").is_file()
+    assert (out / "trainer_state.json").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:tiny-internvl3_5"
+    assert any("custom_text_proj" in k for k in adapter_weights(out)), "the head must be saved inside the adapter"
+
+    # embeddings of the trained model, in memory
+    from colintern.training.trainer import build_model as _  # noqa: F401 - same process, model state from train()
+    from colintern.model.loading import load_retriever
+
+    pages = [Image.new("RGB", (128, 176), c) for c in ("red", "teal")]
+    queries = ["red header with a pie chart", "a table"]
+    torch.save({"pages": pages, "queries": queries}, tmp_path / "inputs.pt")
+    model, processor = load_retriever(str(out), device="cpu")  # same loader, this process
+    expected_pages = encode_pages(model, processor, pages, storage_dtype=torch.float32)
+    expected_queries = encode_queries(model, processor, queries, storage_dtype=torch.float32)
+    assert not model.head_is_untrained()
+
+    script = (
+        "import sys, torch\n"
+        "from colintern.model.loading import load_retriever\n"
+        "from colintern.model.encoding import encode_pages, encode_queries\n"
+        "inputs = torch.load(sys.argv[2], weights_only=False)\n"
+        "model, processor = load_retriever(sys.argv[1], device='cpu')\n"
+        "torch.save({'pages': encode_pages(model, processor, inputs['pages'], storage_dtype=torch.float32),\n"
+        "            'queries': encode_queries(model, processor, inputs['queries'], storage_dtype=torch.float32)},\n"
+        "           sys.argv[3])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "emb.pt")],
+                   check=True, env=env, capture_output=True)
+    fresh = torch.load(tmp_path / "emb.pt")
+    for a, b in zip(expected_pages + expected_queries, fresh["pages"] + fresh["queries"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trained_in_memory_model_matches_the_saved_adapter(colintern_home, small_synthdocs_dir, tmp_path):
+    from PIL import Image
+
+    from colintern.model.loading import load_retriever
+    from colintern.model.encoding import encode_pages
+
+    captured = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            captured["model"], captured["processor"] = model, processing_class
+
+    result = train(small_run(tmp_path, small_synthdocs_dir, max_steps=2), callbacks=[Capture()])
+    pages = [Image.new("RGB", (128, 176), "navy")]
+    in_memory = encode_pages(captured["model"], captured["processor"], pages, storage_dtype=torch.float32)
+    reloaded, processor = load_retriever(str(result.output_dir), device="cpu")
+    torch.testing.assert_close(in_memory[0], encode_pages(reloaded, processor, pages, storage_dtype=torch.float32)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process a real SIGTERM while step `step` runs, as a cluster scheduler would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:  # global_step counts finished steps
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(colintern_home, small_synthdocs_dir, tmp_path):
+    reference = train(small_run(tmp_path, small_synthdocs_dir, name="straight"))
+    assert reference.global_step == 6 and not reference.interrupted
+
+    stopped = train(small_run(tmp_path, small_synthdocs_dir, name="killed"), callbacks=[SignalAtStep(3)])
+    assert stopped.interrupted and stopped.global_step == 3
+    assert (stopped.output_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert not (stopped.output_dir / "adapter_model.safetensors").exists()  # no "final" adapter from a cut run
+
+    resumed = train(small_run(tmp_path, small_synthdocs_dir, name="killed", resume="latest"))
+    assert resumed.global_step == 6 and not resumed.interrupted
+    expected, got = adapter_weights(reference.output_dir), adapter_weights(resumed.output_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home, small_synthdocs_dir, tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "embed_tokens" in n).fill_(float("nan"))
+
+    config = small_run(tmp_path, small_synthdocs_dir, name="nan")
+    with pytest.raises(NonFiniteLossError, match="checkpoint-2"):
+        train(config, callbacks=[Poison()])
+    good = adapter_weights(tmp_path / "nan" / "checkpoint-2")
+    assert all(torch.isfinite(v).all() for v in good.values())
+    # the failure is on record for scripts/training_report.py
+    from colintern.reports.training import training_report
+
+    kinds = {finding.kind for finding in training_report(tmp_path / "nan").findings}
+    assert "nan" in kinds
+
+
+def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
+    with pytest.raises(ColinternError, match="no checkpoint"):
+        train(small_run(tmp_path, small_synthdocs_dir, name="fresh", resume="latest"))
+
+
+def run_script(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=REPO_ROOT)
+
+
+def test_train_script_writes_a_peft_adapter(colintern_home, small_synthdocs_dir, tmp_path):
+    out = tmp_path / "D"
+    done = run_script("scripts/train.py", "--preset", "demo", "--peft", "--max-steps", "4", "--output-dir", str(out),
+                      "--dataset", str(small_synthdocs_dir), "--batch-size", "4", "--report-to", "wandb")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert list((out / "wandb").glob("offline-run-*")), "W&B should log offline when there is no API key"
+
+
+def test_real_preset_offline_stops_at_once_naming_the_demo(colintern_home, tmp_path):
+    done = run_script("scripts/train.py", "--output-dir", str(tmp_path / "real"), env_extra={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert "--preset demo" in done.stderr and "Traceback" not in done.stderr
