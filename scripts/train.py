@@ -7,7 +7,8 @@ option.
 
 import sys
 
-from colintern.training.__main__ import cli
+from colintern.cli import run
+from colintern.training.__main__ import build_parser, main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run(main, build_parser()))

@@ -114,7 +114,7 @@ def test_mixture_respects_max_samples_and_weights(tmp_path):
 def test_quick_test_config_trains_end_to_end(colintern_home, tmp_path):
     import argparse
 
-    from colintern.training.arguments import REPO_ROOT as ROOT
+    from tests.conftest import REPO_ROOT as ROOT
     from colintern.training.arguments import add_config_arguments, config_from_args
     from colintern.training.trainer import train
 
