@@ -195,8 +195,8 @@ def test_a_non_empty_output_folder_needs_overwrite_which_keeps_other_files(prepa
     target = tmp_path / "neg"
     target.mkdir()
     (target / "README.md").write_text("the user's notes")
-    config = dict(model_path="embedded:tiny-internvl3_5", dataset=str(prepared.out), top_k=1, output_dir=str(target),
-                  max_num_visual_tokens=16)
+    config = {"model_path": "embedded:tiny-internvl3_5", "dataset": str(prepared.out), "top_k": 1,
+              "output_dir": str(target), "max_num_visual_tokens": 16}
     with pytest.raises(ColinternError, match=r"neg is not empty .*--overwrite"):
         mine_hard_negatives(MiningConfig(**config))
     mine_hard_negatives(MiningConfig(**config, overwrite=True))
