@@ -199,8 +199,8 @@ class OutputDir:
             if name not in owned and os.path.lexists(self.path / name):
                 raise ColinternError(
                     f"{self.path / name} was not written by {self.command} (it is not listed in "
-                    f"{self.path / OUTPUT_RECORD}); {self.option} --overwrite only replaces the command's own output. "
-                    f"Move it away or choose a new folder."
+                    f"{self.path / OUTPUT_RECORD}), and --overwrite only replaces {self.command}'s own output: move it "
+                    f"away or choose another {self.option}."
                 )
         record = read_output_record(self.path)
         record[self.command] = sorted(owned | set(names))
