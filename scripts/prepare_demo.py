@@ -16,7 +16,6 @@ import argparse
 import logging
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from colintern.cli import run
 
