@@ -6,6 +6,8 @@
 
 The output holds model.safetensors, config.json, the processor and a model card (training configuration and, with
 --results, the evaluation table). It gives the same embeddings as base + adapter (tested in a fresh process).
+--output-dir must be a new (or empty) folder outside the adapter's; --overwrite writes into a non-empty one, replacing
+only the files an earlier merge_adapter wrote there (listed in its .colintern-output), never anything else.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the saved weights (default float32; bfloat16 halves the size)")
     parser.add_argument("--results", help="folder with mteb result files of this model, for the model card")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output-dir, replacing only files an earlier merge wrote there")
     return parser
 
 
@@ -45,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         rows, _averages = results_table(folder)
         results = [row.as_dict() for row in rows]
     out = merge_adapter(args.adapter, args.output_dir, base_model=args.base_model, dtype=getattr(torch, args.dtype),
-                        results=results)
+                        results=results, overwrite=args.overwrite)
     print(f"Merged checkpoint: {out}")
     return 0
 

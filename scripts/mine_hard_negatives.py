@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="training set folder (e.g. OUT/train) or Hub id")
     parser.add_argument("--top-k", type=positive_int, default=8, help="hard negatives per query (default 8)")
     parser.add_argument("--split", default="train", help="split to mine (default train)")
-    parser.add_argument("--output-dir", help="write the split with negatives here instead of in place")
+    parser.add_argument("--output-dir", help="write the split with negatives here (a new or empty folder outside the "
+                                             "dataset) instead of in place")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output-dir, replacing only files mining wrote there before")
     parser.add_argument("--column", default="negatives", help="name of the negatives column (default negatives)")
     parser.add_argument("--query-column", default="query")
     parser.add_argument("--image-column", default="image")
@@ -65,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         split=args.split,
         output_dir=args.output_dir,
+        overwrite=args.overwrite,
         column=args.column,
         query_column=args.query_column,
         image_column=args.image_column,

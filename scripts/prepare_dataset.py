@@ -13,7 +13,8 @@ OUT/train/ holds query-page pairs in the vidore/colpali_train_set layout (`scrip
 OUT/eval/ a retrieval task over every page of held-out documents (`scripts/evaluate.py --benchmarks OUT/eval`). The
 split is by document. Problems in the inputs (encrypted, corrupt or empty PDFs, pages out of range, missing files,
 duplicate queries) are logged one per line and listed in OUT/report.json; the rest is processed (--strict: stop).
-Rendered pages are cached by content hash in OUT/.page-cache, so a re-run is fast and gives identical files.
+Rendered pages are cached by content hash in OUT/.page-cache, so a re-run (--overwrite) is fast and gives identical
+files. OUT must be new or empty and outside DIR; --overwrite replaces only what this command wrote there before.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", help="value of the `source` column (default: the documents folder's name)")
     parser.add_argument("--cache-dir", help="rendered-page cache (default OUT/.page-cache)")
     parser.add_argument("--strict", action="store_true", help="stop at any problem in the inputs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output-dir, replacing only what prepare_dataset wrote there "
+                             "before (train/, eval/, report.json, manifest.json, .page-cache/)")
     return parser
 
 
@@ -66,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
         distractors=args.distractors,
         source=args.source,
         cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
     )
     prepared = prepare_dataset(config)
     print(prepared.summary())

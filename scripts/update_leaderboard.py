@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
     records = collect_reference_scores(
         args.results_repo, models=args.models, benchmarks=args.benchmarks, repository=args.repository
     )
-    written = write_reference_files(records, args.output_dir)
+    written = write_reference_files(records, args.output_dir, inputs={"--results-repo": args.results_repo})
     logger.info("Wrote %d reference files to %s", len(written), args.output_dir)
     print(leaderboard_markdown(records), end="")
     return 0

@@ -96,6 +96,7 @@ def run(args) -> int:
         start = time.perf_counter()
         prepare_dataset(config)
         cold_s = time.perf_counter() - start
+        config.overwrite = True  # the re-run writes over its own output
         start = time.perf_counter()
         prepare_dataset(config)
         warm_s = time.perf_counter() - start

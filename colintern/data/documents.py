@@ -9,7 +9,8 @@ Inputs
   * queries file, JSONL or CSV, one query per line: `query`, `file` (the document id, or its file name when that is
     unique), `page` (1-based; may be left empty for one-page documents), optional `answer`.
 
-Output (OUT/)
+Output (OUT/: a new or empty folder, outside the inputs; `overwrite=True` (--overwrite) writes into a non-empty one,
+replacing only what prepare_dataset wrote there before, as recorded in OUT/.colintern-output)
   * train/data-*.parquet   training pairs in the `vidore/colpali_train_set` columns (query, image, image_filename,
                            answer, source) plus `document` and `page`; `scripts/train.py --dataset OUT/train`.
   * eval/{corpus,queries,qrels}.parquet   a retrieval task in mteb's layout (corpus: id, image; queries: id, text;
@@ -43,7 +44,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from colintern.utils import ColinternError, atomic_directory, atomic_write_json
+from colintern.utils import ColinternError, atomic_directory, atomic_write_json, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PrepareConfig:
     distractors: bool = False  # add the pages of documents without queries to the evaluation corpus
     source: str | None = None  # the `source` column of the training pairs (default: the documents folder's name)
     cache_dir: Path | None = None  # rendered-page cache (default OUT/.page-cache)
+    overwrite: bool = False  # write into a non-empty output folder, replacing only what prepare_dataset wrote there
 
     def __post_init__(self) -> None:
         self.documents, self.queries, self.output_dir = Path(self.documents), Path(self.queries), Path(self.output_dir)
@@ -202,11 +204,16 @@ def _pdf_load_problem(data: bytes, error: Exception) -> tuple[str, str]:
     """(kind, message) for a PDF pdfium cannot open."""
     reason = re.search(r"PDFium: (.*?)\)", str(error))
     reason = reason.group(1) if reason else str(error)
-    if getattr(error, "err_code", None) == 4 or "password" in reason.lower():  # FPDF_ERR_PASSWORD
+    # pdfium's error code is process-wide and not reset by a load that fails without one (a PDF without pages): after
+    # an encrypted file it still says "password". So a password error counts only for a file with an /Encrypt entry.
+    encrypted = re.search(rb"/Encrypt\b", data) is not None
+    if encrypted and (getattr(error, "err_code", None) == 4 or "password" in reason.lower()):  # FPDF_ERR_PASSWORD
         return "encrypted_pdf", "encrypted (needs a password): decrypt it (`qpdf --decrypt in.pdf out.pdf`) or drop it"
     # pdfium refuses PDFs without pages as malformed; tell that case apart for a clearer message
     if re.search(rb"/Count\s+0\b", data) and not re.search(rb"/Count\s+[1-9]", data):
         return "empty_pdf", "the PDF has no pages"
+    if not encrypted:
+        reason = re.sub(r"^Incorrect password error$", "not a valid PDF", reason)  # the stale code's text
     return "corrupt_pdf", f"not a readable PDF (pdfium: {reason}): re-export or repair it, or remove it"
 
 
@@ -689,7 +696,11 @@ def _fail_if_strict(config: PrepareConfig, problems: ProblemLog) -> None:
 def prepare_dataset(config: PrepareConfig) -> PreparedDataset:
     """Render the documents, pair them with the queries, split by document and write OUT/train, OUT/eval and reports."""
     problems = ProblemLog()
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    owned = ["train", "eval", "report.json", "manifest.json"]
+    if config.cache_dir == config.output_dir / ".page-cache":
+        owned.append(".page-cache")
+    prepare_output_dir(config.output_dir, command="prepare_dataset", inputs={"--pdfs": config.documents,
+                       "--queries": config.queries}, overwrite=config.overwrite, owned_names=owned)  # fmt: skip
 
     # 1. inputs: every problem is found before any rendering, so --strict fails fast
     records = _read_query_lines(config.queries, problems)  # a malformed queries file stops before any PDF is read
@@ -760,7 +771,7 @@ def prepare_dataset(config: PrepareConfig) -> PreparedDataset:
     eval_queries.sort(key=lambda r: r["id"])
     qrels.sort(key=lambda r: r["query-id"])
 
-    # 6. write (each folder atomically; stale folders from an earlier run with other settings are removed)
+    # 6. write (each folder atomically; stale folders from an earlier run of ours with other settings are removed)
     train_dir, eval_dir = config.output_dir / "train", config.output_dir / "eval"
     if train_rows:
         _write_train(train_dir, train_rows)
@@ -782,7 +793,7 @@ def prepare_dataset(config: PrepareConfig) -> PreparedDataset:
         "pages_rendered": renderer.hits + renderer.misses, "pages_from_cache": renderer.hits,
     }  # fmt: skip
     manifest_settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    for where in ("cache_dir", "output_dir"):  # the output is where it is: the files do not depend on its path
+    for where in ("cache_dir", "output_dir", "overwrite"):  # the files do not depend on where they are written
         manifest_settings.pop(where)
     atomic_write_json(config.output_dir / "manifest.json", {
         "format_version": FORMAT_VERSION,

@@ -7,7 +7,8 @@ A local retrieval folder holds mteb's retrieval layout as parquet files, either 
     FOLDER/qrels.parquet      query-id (str), corpus-id (str), score (int)
 
 or one subfolder per split (`FOLDER/test/...`, `FOLDER/validation/...`), as SynthDocs writes them. An optional
-`FOLDER/task.json` may give the task a `name` and `description`; without one, a SynthDocs folder (synthdocs.json) is
+`FOLDER/task.json` may give the task a `name` (made a plain file name by `colintern.utils.safe_name`: mteb names the
+result file after it) and `description`; without one, a SynthDocs folder (synthdocs.json) is
 `SynthDocsRetrieval` and any other folder `LocalRetrieval-<parent>-<folder>`. `local_retrieval_task(FOLDER)` turns
 such a folder into an `AbsTaskRetrieval`, so mteb's own evaluation loop, metrics and result files apply unchanged. Its
 dataset revision is a hash of the parquet files: results computed on other data are recomputed, not reused.
@@ -19,7 +20,6 @@ import difflib
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 
 from colintern.data.synthdocs import EMBEDDED_DATASET, resolve_dataset
-from colintern.utils import ColinternError
+from colintern.utils import ColinternError, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -173,17 +173,34 @@ def _task_metadata(name: str, path: str, revision: str, splits: Sequence[str], d
     )
 
 
-def _task_name_for(folder: Path) -> str:
+def _task_info(folder: Path) -> dict[str, Any]:
+    """The folder's task.json as a dict ({} without one)."""
     info = folder / TASK_INFO_FILE
-    if info.is_file():
-        try:
-            name = json.loads(info.read_text()).get("name")
-        except (OSError, ValueError) as error:
-            raise ColinternError(f"{info} is not valid JSON: {error}") from error
-        if name:
-            return str(name)
+    if not info.is_file():
+        return {}
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ColinternError(f"{info} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ColinternError(f"{info} must hold a JSON object such as {{\"name\": \"...\", \"description\": \"...\"}}.")
+    return data
+
+
+def _task_name(name: Any, where: str) -> str:
+    """A task name from data, safe as the result file name mteb makes of it (`{name}.json`)."""
+    cleaned = safe_name(name, fallback="LocalRetrieval")
+    if cleaned != str(name):
+        logger.warning("%s: task name %r is not a plain file name; the task is called %r", where, name, cleaned)
+    return cleaned
+
+
+def _task_name_for(folder: Path) -> str:
+    name = _task_info(folder).get("name")
+    if name:
+        return _task_name(name, str(folder / TASK_INFO_FILE))
     parts = [folder.parent.name, folder.name] if folder.parent.name else [folder.name]
-    return "LocalRetrieval-" + "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", part).strip("_") for part in parts if part)
+    return "LocalRetrieval-" + "-".join(filter(None, (safe_name(part, fallback="") for part in parts)))
 
 
 def local_retrieval_task(
@@ -203,11 +220,8 @@ def local_retrieval_task(
     unknown = [split for split in chosen if split not in split_dirs]
     if unknown:
         raise ColinternError(f"{folder} has no {', '.join(unknown)} split (it has {', '.join(split_dirs)}).")
-    description = f"Text-to-page retrieval on the local folder {folder}."
-    info = folder / TASK_INFO_FILE
-    if info.is_file():
-        description = json.loads(info.read_text()).get("description") or description
-    task_name = name or _task_name_for(folder)
+    description = str(_task_info(folder).get("description") or f"Text-to-page retrieval on the local folder {folder}.")
+    task_name = _task_name(name, str(folder)) if name else _task_name_for(folder)
     metadata = _task_metadata(task_name, str(folder), folder_revision(split_dirs), sorted(split_dirs), description)
     attributes = {"metadata": metadata, "data_path": str(folder)}
     return type("LocalRetrievalTask", (LocalRetrievalTask,), attributes)().filter_eval_splits(chosen)

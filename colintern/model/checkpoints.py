@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from colintern.model.embedded import resolve_embedded
-from colintern.utils import ColinternError
+from colintern.utils import ColinternError, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,6 @@ class CheckpointInfo:
             return None
         stamp = max(p.stat().st_mtime for p in files)
         return _dt.datetime.fromtimestamp(stamp, tz=_dt.timezone.utc).date().isoformat()
-
-
-def _sanitize_name(text: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
-    return cleaned or "model"
 
 
 def _hash_files(folder: Path, hasher) -> int:
@@ -166,7 +161,7 @@ def describe_checkpoint(source: str, model_name: str | None = None) -> Checkpoin
     resolved = Path(resolve_embedded(source)).expanduser()
     if resolved.is_dir():
         display = source.split(":", 1)[1] if source.startswith("embedded:") else resolved.resolve().name
-        name = model_name or f"colintern/{_sanitize_name(display)}"
+        name = model_name or f"colintern/{safe_name(display, fallback='model')}"
         if is_adapter_dir(resolved):
             adapter = AdapterInfo.read(resolved)
             revision = content_revision(resolved, extra=_base_identity(adapter.base_model))

@@ -30,7 +30,7 @@ from colintern.reports.results import (
     metric_label,
     task_scores_from_result,
 )
-from colintern.utils import ColinternError, atomic_write_text
+from colintern.utils import ColinternError, atomic_write_text, prepare_output_dir, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +194,20 @@ def _round(value: float | None) -> float | None:
 
 
 def reference_file_name(model: str) -> str:
-    return model.replace("/", "__") + ".json"
+    return safe_name(model.replace("/", "__"), fallback="model") + ".json"  # mteb's folder name for the model
 
 
-def write_reference_files(records: Sequence[dict], output_dir: str | Path = DEFAULT_LEADERBOARD_DIR) -> list[Path]:
-    """Write one JSON per model (atomically) and a README.md table; files of models not in `records` are kept."""
+def write_reference_files(
+    records: Sequence[dict], output_dir: str | Path = DEFAULT_LEADERBOARD_DIR, *, inputs: dict | None = None
+) -> list[Path]:
+    """Write one JSON per model (atomically) and a README.md table; files of models not in `records` are kept.
+
+    An update: the folder may hold earlier reference files, but a file of the same name that update_leaderboard did
+    not write (a README.md of the user's) is never replaced, and the folder may not be or hold one of `inputs`.
+    """
     output_dir = Path(output_dir)
+    names = [reference_file_name(record["model"]) for record in records] + ["README.md"]
+    prepare_output_dir(output_dir, command="update_leaderboard", overwrite=True, owned_names=names, inputs=inputs)
     written = []
     for record in records:
         path = output_dir / reference_file_name(record["model"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from colintern.utils import ColinternError, atomic_directory
+from colintern.utils import ColinternError, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -25,25 +25,39 @@ def merge_adapter(
     base_model: str | None = None,
     dtype: torch.dtype | None = None,
     results: list[dict] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Merge the adapter into its base model and write a standalone checkpoint to `output_dir` (atomically)."""
-    from colintern.model.loading import is_adapter_dir, load_retriever
+    """Merge the adapter into its base model and write a standalone checkpoint to `output_dir`.
+
+    `output_dir` must be new or empty and outside the adapter and base model folders; with `overwrite`, a non-empty
+    folder is used and only files an earlier merge_adapter wrote there are replaced (`colintern.utils.
+    prepare_output_dir`). The files are built in a hidden folder inside it and moved into place once all are written.
+    """
+    from colintern.model.embedded import resolve_embedded
+    from colintern.model.loading import AdapterInfo, is_adapter_dir, load_retriever
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not is_adapter_dir(adapter_dir):
         raise ColinternError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    model, processor = load_retriever(str(adapter_dir), device="cpu", dtype=dtype or torch.float32, merge=True,
-                                      base_model=base_model)
-    if model.head_is_untrained():
-        raise ColinternError(f"{adapter_dir}: the projection head is untrained; merging would export a useless model")
-    model.config.architectures = ["ColIntern3_5"]
-    run_config = _read_json(adapter_dir / "colintern_run.json")
-    with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(adapter_dir, run_config, results))
-        if run_config:
-            (tmp / "colintern_run.json").write_text(json.dumps(run_config, indent=2))
+    base = resolve_embedded(base_model or AdapterInfo.read(adapter_dir).base_model)
+    output = prepare_output_dir(output_dir, command="merge_adapter", overwrite=overwrite,
+                                inputs={"--adapter": adapter_dir, "--base-model": base})
+    try:
+        model, processor = load_retriever(str(adapter_dir), device="cpu", dtype=dtype or torch.float32, merge=True,
+                                          base_model=base_model)
+        if model.head_is_untrained():
+            raise ColinternError(f"{adapter_dir}: the projection head is untrained; merging would export a useless model")
+        model.config.architectures = ["ColIntern3_5"]
+        run_config = _read_json(adapter_dir / "colintern_run.json")
+        with output.staged() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(adapter_dir, run_config, results))
+            if run_config:
+                (tmp / "colintern_run.json").write_text(json.dumps(run_config, indent=2))
+    except BaseException:
+        output.discard_if_unused()
+        raise
     logger.info("Merged %s into a standalone checkpoint at %s", adapter_dir, output_dir)
     return output_dir
 

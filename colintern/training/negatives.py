@@ -26,7 +26,8 @@ Page embeddings are held in memory in float16 while mining: about pages x tokens
 
 The negatives are stored compactly as row indices into the same split (the first row holding that page), in a
 list-of-int column (default `negatives`) that `scripts/train.py --loss negative-ce|pairwise-negative-ce` uses. The
-split is rewritten in place (atomically) unless an output folder is given.
+split is rewritten in place (atomically; the folder's other files are kept) unless an output folder is given, which
+must be new or empty and outside the dataset (`overwrite`: replace only what mining wrote there before).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from colintern.data.pairs import DATA_SUFFIXES, decode_image, load_pairs
 from colintern.data.documents import MAX_SHARD_BYTES, normalize_query
-from colintern.utils import ColinternError, atomic_directory, atomic_write_json
+from colintern.utils import ColinternError, atomic_directory, atomic_write_json, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class MiningConfig:
     top_k: int = 8  # negatives per query
     split: str = "train"
     output_dir: str | None = None  # default: rewrite the split's parquet files in place
+    overwrite: bool = False  # write into a non-empty output_dir, replacing only what mining wrote there before
     column: str = "negatives"
     query_column: str = "query"
     image_column: str = "image"
@@ -298,8 +301,8 @@ def write_parquet_shards(
     return paths
 
 
-def write_with_negatives(dataset, negatives: list[list[int]], column: str, image_column: str, folder: Path) -> None:
-    """The split plus the negatives column as parquet files in `folder` (replaced atomically; other files kept)."""
+def with_negatives_column(dataset, negatives: list[list[int]], column: str, image_column: str):
+    """The split plus the negatives column (row indices, list of int64), images kept as images."""
     import datasets
 
     if column in dataset.column_names:
@@ -308,35 +311,80 @@ def write_with_negatives(dataset, negatives: list[list[int]], column: str, image
     dataset = dataset.add_column(column, negatives, feature=datasets.List(datasets.Value("int64")))
     if isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image())
+    return dataset
+
+
+def write_with_negatives(dataset, negatives: list[list[int]], column: str, image_column: str, folder: Path) -> None:
+    """The split plus the negatives column as parquet files in `folder`, rewritten in place: the folder is swapped
+    atomically for one holding the new parquet files and everything else it held (hard links, else copies)."""
+    dataset = with_negatives_column(dataset, negatives, column, image_column)
     size_hint = dataset.data.nbytes  # the arrow table: images dominate, about the size of the parquet files
     with atomic_directory(folder) as tmp:
-        if folder.is_dir():  # keep whatever else the folder holds (a README, a data card)
+        if folder.is_dir():  # keep whatever else the folder holds (a README, a data card, sub-folders)
             for other in folder.iterdir():
-                if other.is_file() and other.suffix not in DATA_SUFFIXES:
-                    shutil.copy2(other, tmp / other.name)
+                if not (other.is_file() and other.suffix in DATA_SUFFIXES):
+                    _carry_over(other, tmp / other.name)
         write_parquet_shards(dataset, tmp, size_hint=size_hint)
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _carry_over(source: Path, target: Path) -> None:
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(source), str(target))
+
+
 def mine_hard_negatives(config: MiningConfig) -> tuple[Path, MiningStats]:
-    """Load the model and the split, mine, and write the split with its negatives column. Returns (folder, stats)."""
+    """Load the model and the split, mine, and write the split with its negatives column. Returns (folder, stats).
+
+    With `output_dir`, the split is written there: a new or empty folder outside the dataset and the model (with
+    `overwrite`, a non-empty one where only files mining wrote before are replaced; `colintern.utils.
+    prepare_output_dir`). Without, the split's parquet files are rewritten in place.
+    """
     from colintern.model.loading import load_retriever
 
-    target = Path(config.output_dir) if config.output_dir else split_folder(config.dataset, config.split)
+    output = None
+    if config.output_dir:
+        output = prepare_output_dir(config.output_dir, command="mine_hard_negatives", overwrite=config.overwrite,
+                                    inputs={"--dataset": config.dataset, "--model-path": config.model_path})
+        target = Path(config.output_dir)
+    else:
+        target = split_folder(config.dataset, config.split)
     if target is None:
         raise ColinternError(
             f"'{config.dataset}' (split {config.split}) is not a local folder of parquet files that can be rewritten "
             f"in place: pass --output-dir to write the split with its negatives elsewhere."
         )
-    dataset = load_pairs(config.dataset, config.split, config.query_column, config.image_column)
-    for name in (config.query_column, config.image_column):
-        if name not in dataset.column_names:
-            raise ColinternError(f"The {config.split} split has no column '{name}' (columns: "
-                                 f"{', '.join(dataset.column_names)}). Name it with --query-column / --image-column.")
-    model, processor = load_retriever(config.model_path, device=config.device,
-                                      max_num_visual_tokens=config.max_num_visual_tokens)
-    model.eval()
-    negatives, stats = mine(model, processor, dataset, config)
-    write_with_negatives(dataset, negatives, config.column, config.image_column, target)
+    try:
+        dataset = load_pairs(config.dataset, config.split, config.query_column, config.image_column)
+        for name in (config.query_column, config.image_column):
+            if name not in dataset.column_names:
+                raise ColinternError(f"The {config.split} split has no column '{name}' (columns: "
+                                     f"{', '.join(dataset.column_names)}). Name it with --query-column / "
+                                     f"--image-column.")
+        model, processor = load_retriever(config.model_path, device=config.device,
+                                          max_num_visual_tokens=config.max_num_visual_tokens)
+        model.eval()
+        negatives, stats = mine(model, processor, dataset, config)
+        if output is None:
+            write_with_negatives(dataset, negatives, config.column, config.image_column, target)
+        else:
+            dataset = with_negatives_column(dataset, negatives, config.column, config.image_column)
+            with output.staged() as tmp:
+                write_parquet_shards(dataset, tmp, size_hint=dataset.data.nbytes)
+    except BaseException:
+        if output is not None:
+            output.discard_if_unused()
+        raise
     report = Path(config.report_path) if config.report_path else target.with_name(f"{target.name}.negatives.json")
     atomic_write_json(report, stats.to_dict())
     logger.info("Wrote %s with a '%s' column (row indices); statistics in %s", target, config.column, report)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from colintern.training.arguments import RunConfig, apply_overrides
-from colintern.utils import PACKAGE_DIR, ColinternError, atomic_write_json, atomic_write_text
+from colintern.utils import PACKAGE_DIR, ColinternError, atomic_write_json, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def plan_ablation(
             ratio = _effective_batch(config) / _effective_batch(base)
             config.training.lr = base.training.lr * (ratio if scale_lr == "linear" else math.sqrt(ratio))
         label = ",".join(f"{path.split('.')[-1]}={_format_value(str(v))}" for path, v in combo.items())
-        config.training.output_dir = str(Path(output_root) / name / label)
+        config.training.output_dir = str(Path(output_root) / safe_name(name, fallback="ablation") / label)
         config.training.resume = None
         config.experiment.name = f"{name}/{label}"
         config.experiment.hyperparameters_under_test = sorted(combo)
@@ -283,7 +283,8 @@ def run_ablation(plan: AblationPlan, log_path: str | Path = "experiments/log.jso
                  table_path: str | Path | None = None) -> list[dict]:
     """Run every variant not yet finished in the log; rebuild the Markdown table after each."""
     log_path = Path(log_path)
-    table_path = Path(table_path) if table_path else log_path.with_name(f"{plan.name}.md")
+    default_table = log_path.with_name(f"{safe_name(plan.name, fallback='ablation')}.md")
+    table_path = Path(table_path) if table_path else default_table
     done = finished_hashes(read_log(log_path))
     records = []
     for variant in plan.variants:

@@ -31,11 +31,13 @@ from tests.pdf_fixtures import (
     EXPECTED_BAD,
     GOOD_PDFS,
     IMAGE_FOLDER,
+    _page,
     build_documents,
     prepared_folder,
     run_script,
     run_script_in_process,
     tree_hashes,
+    write_pdf,
     write_queries,
 )
 
@@ -186,7 +188,8 @@ def test_rerun_reuses_rendered_pages_and_writes_identical_files(prepared, tmp_pa
     out = tmp_path / "again"
     shutil.copytree(prepared.out, out)  # same inputs, same cache
     before = tree_hashes(out)
-    result = prepare_dataset(PrepareConfig(prepared.documents, prepared.queries, out, dpi=72, eval_fraction=0.3))
+    result = prepare_dataset(PrepareConfig(prepared.documents, prepared.queries, out, dpi=72, eval_fraction=0.3,
+                                           overwrite=True))  # a re-run into its own output folder
     assert result.counts["pages_from_cache"] == result.counts["pages_rendered"] > 0
     assert tree_hashes(out) == before
     # and from an empty cache the files are the same too
@@ -278,3 +281,91 @@ def test_an_unreadable_image_keeps_page_numbers_and_distractors_join_the_eval_co
     assert blue["page"] == 3 and blue["image"].convert("RGB").getpixel((0, 0)) == (0, 0, 255)  # 3.png, not the 3rd
     corpus = read_table(tmp_path / "out" / "eval" / "corpus.parquet")  # the asked page and the distractor
     assert sorted(row["image"].convert("RGB").getpixel((0, 0)) for row in corpus) == [(128, 0, 128), (255, 255, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------- output folder
+def _small_collection(root):
+    """Two one-document sub-folders (the user's own train/ and eval/ split) and a queries file."""
+    docs = root / "docs"
+    write_pdf(docs / "train" / "a.pdf", [_page(0, 1), _page(0, 2)])
+    write_pdf(docs / "eval" / "b.pdf", [_page(1, 1)])
+    queries = root / "queries.jsonl"
+    queries.write_text(json.dumps({"query": "first", "file": "train/a.pdf", "page": 1}) + "\n"
+                       + json.dumps({"query": "second", "file": "eval/b.pdf", "page": 1}) + "\n")
+    return docs, queries
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "inside-overwrite"])
+def test_an_output_folder_on_the_documents_is_refused_and_nothing_is_deleted(tmp_path, capsys, where):
+    # found: `--pdfs docs --output-dir docs` replaced docs/train and docs/eval (the user's PDFs) and exited 0
+    docs, queries = _small_collection(tmp_path)
+    before = tree_hashes(docs)
+    out = docs if where == "same" else docs / "prepared"
+    extra = ["--overwrite"] if where.endswith("overwrite") else []
+    code = run_script_in_process("scripts/prepare_dataset.py", "--pdfs", str(docs), "--queries", str(queries),
+                                 "--output-dir", str(out), "--dpi", "72", *extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"--output-dir {out}" in line and f"--pdfs {docs}" in line and "Traceback" not in err
+    assert tree_hashes(docs) == before and sorted(p.name for p in docs.iterdir()) == ["eval", "train"]
+
+
+def test_an_output_folder_holding_the_queries_file_is_refused(tmp_path):
+    docs, queries = _small_collection(tmp_path)
+    out = tmp_path / "project"
+    out.mkdir()
+    queries = queries.rename(out / "queries.jsonl")
+    with pytest.raises(ColinternError, match=r"project contains the input --queries .*queries.jsonl"):
+        prepare_dataset(PrepareConfig(docs, queries, out, dpi=72, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["queries.jsonl"]
+
+
+def test_a_non_empty_output_folder_needs_overwrite_which_replaces_only_prepare_datasets_own_files(tmp_path):
+    docs, queries = _small_collection(tmp_path)
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "mine.pdf").write_bytes(b"%PDF- the user's")
+    (out / "notes.txt").write_text("the user's notes")
+    with pytest.raises(ColinternError, match=r"is not empty .*--overwrite"):
+        prepare_dataset(PrepareConfig(docs, queries, out, dpi=72, eval_fraction=0.5))
+    with pytest.raises(ColinternError, match=r"out/train was not written by prepare_dataset"):
+        prepare_dataset(PrepareConfig(docs, queries, out, dpi=72, eval_fraction=0.5, overwrite=True))
+    assert (out / "train" / "mine.pdf").read_bytes() == b"%PDF- the user's"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train"]
+
+    (out / "train" / "mine.pdf").unlink()
+    (out / "train").rmdir()
+    first = prepare_dataset(PrepareConfig(docs, queries, out, dpi=72, eval_fraction=0.5, overwrite=True))
+    assert first.counts["train_pairs"] == 1 and first.counts["eval_queries"] == 1
+    again = prepare_dataset(PrepareConfig(docs, queries, out, dpi=72, eval_fraction=0.5, overwrite=True, seed=1))
+    assert again.counts["train_pairs"] + again.counts["eval_queries"] == 2  # its own output: replaced
+    assert (out / "notes.txt").read_text() == "the user's notes"
+    with pytest.raises(ColinternError, match="is not empty"):  # and never without being asked
+        prepare_dataset(PrepareConfig(docs, queries, out, dpi=72))
+
+
+def test_an_empty_pdf_read_after_an_encrypted_one_is_reported_as_empty(tmp_path):
+    # found: pdfium's error code is process-wide, so the 0-page PDF inherited the encrypted one's "password" error
+    import pypdf
+
+    from colintern.data.documents import ProblemLog, open_documents
+
+    folder = tmp_path / "docs"
+    write_pdf(folder / "a-locked.pdf", [_page(0, 1)])
+    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(folder / "a-locked.pdf"))
+    writer.encrypt("secret", algorithm="RC4-128")
+    with open(folder / "a-locked.pdf", "wb") as handle:
+        writer.write(handle)
+    with open(folder / "b-empty.pdf", "wb") as handle:
+        pypdf.PdfWriter().write(handle)
+    write_pdf(folder / "d-good.pdf", [_page(1, 1)])
+    (folder / "c-broken.pdf").write_bytes((folder / "d-good.pdf").read_bytes()[:40])
+    problems = ProblemLog()
+    documents, unusable = open_documents(folder, problems)
+    assert [d.id for d in documents] == ["d-good.pdf"]
+    assert [(p.file, p.kind) for p in problems.problems] == [
+        ("a-locked.pdf", "encrypted_pdf"), ("b-empty.pdf", "empty_pdf"), ("c-broken.pdf", "corrupt_pdf"),
+    ]  # fmt: skip
+    assert "password" not in problems.problems[2].message
+    assert unusable == {"a-locked.pdf", "b-empty.pdf", "c-broken.pdf"}

@@ -67,3 +67,17 @@ def test_pages_look_like_documents():
     # mostly white paper
     white = sum(1 for p in page.getdata() if p == (255, 255, 255))
     assert white > 0.5 * page.width * page.height
+
+
+def test_prepare_demo_never_replaces_a_synthdocs_folder_it_did_not_write(tmp_path, capsys):
+    from tests.pdf_fixtures import run_script_in_process
+
+    (tmp_path / "synthdocs").mkdir()
+    (tmp_path / "synthdocs" / "my-data.parquet").write_bytes(b"the user's data")
+    for extra in ([], ["--force"], ["--overwrite"]):
+        code = run_script_in_process("scripts/prepare_demo.py", "--output-dir", str(tmp_path), *extra)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err
+        assert "not empty" in err if not extra else "synthdocs was not written by prepare_demo" in err
+        assert (tmp_path / "synthdocs" / "my-data.parquet").read_bytes() == b"the user's data"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["synthdocs"]

@@ -250,3 +250,24 @@ def test_one_task_name_with_two_datasets_is_an_error(tiny_adapter_dir, small_syn
     (named / "task.json").write_text(json.dumps({"name": "SmallSynthDocs"}))
     selections = resolve_benchmarks(["SynthDocsRetrieval", str(named)])
     assert [s.tasks[0].metadata.name for s in selections] == ["SynthDocsRetrieval", "SmallSynthDocs"]
+
+
+def test_a_task_json_name_cannot_make_a_result_file_outside_the_output_folder(tiny_adapter_dir, own_docs_dir,
+                                                                             tmp_path):
+    # found: {"name": "../../../../../x"} in a shared task folder made evaluate.py write /tmp/x.json
+    folder = tmp_path / "shared" / "task"
+    shutil.copytree(own_docs_dir, folder)
+    (folder / "task.json").write_text(json.dumps({"name": "../../../../../x", "description": "hostile"}))
+    output_dir = tmp_path / "a" / "b" / "c" / "results-cache"
+    summary = evaluate(str(tiny_adapter_dir), [str(folder)], output_dir=output_dir, batch_size=8, show_progress=False)
+    written = [p for p in tmp_path.rglob("*.json") if not p.is_relative_to(folder)]
+    assert written and all(p.is_relative_to(output_dir) for p in written), written
+    assert (summary.results_dir / "x.json").is_file() and summary.rows[0].task == "x"
+    for hostile, expected in (("..", "LocalRetrieval"), ("a/b", "a-b"), (".hidden", "hidden"), ("x" * 300, None)):
+        (folder / "task.json").write_text(json.dumps({"name": hostile}))
+        name = local_retrieval_task(folder).metadata.name
+        assert "/" not in name and not name.startswith(".") and len(name) <= 120
+        assert name == expected or expected is None
+    (folder / "task.json").write_text("[1, 2]")
+    with pytest.raises(ColinternError, match="must hold a JSON object"):
+        local_retrieval_task(folder)

@@ -25,7 +25,7 @@ from colintern.reports.results import (
     normalize_metric,
     resolve_result_sets,
 )
-from colintern.utils import ColinternError
+from colintern.utils import OUTPUT_RECORD, ColinternError
 from tests.mteb_results import evaluate_local_task, scored_task_result, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,6 +138,22 @@ def test_update_leaderboard_reads_the_clone_with_sources(workspace):
     assert colpali["benchmarks"]["ViDoRe(v2)"]["n_tasks"] == 1
     readme = (workspace["leaderboard"] / "README.md").read_text()
     assert "vidore/colqwen2-v1.0" in readme and workspace["commit"][:7] in readme
+
+
+def test_update_leaderboard_replaces_only_its_own_files(workspace, tmp_path):
+    records = collect_reference_scores(workspace["clone"])
+    write_reference_files(records, workspace["leaderboard"])  # an update of its own folder
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "README.md").write_text("the user's README")
+    with pytest.raises(ColinternError, match=r"docs/README.md was not written by update_leaderboard"):
+        write_reference_files(records, folder)
+    assert [p.name for p in folder.iterdir()] == ["README.md"]
+    assert (folder / "README.md").read_text() == "the user's README"
+    with pytest.raises(ColinternError, match=r"lies inside the input --results-repo"):
+        write_reference_files(records, workspace["clone"] / "results", inputs={"--results-repo": workspace["clone"]})
+    shipped = json.loads((DEFAULT_LEADERBOARD_DIR / OUTPUT_RECORD).read_text())["written_by"]["update_leaderboard"]
+    assert sorted(p.name for p in DEFAULT_LEADERBOARD_DIR.iterdir() if p.name != OUTPUT_RECORD) == shipped
 
 
 def test_update_leaderboard_refuses_a_folder_that_is_no_clone(tmp_path):

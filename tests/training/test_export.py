@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,3 +54,71 @@ def test_merged_export_loads_without_peft_and_matches_base_plus_adapter(colinter
     fresh = torch.load(tmp_path / "merged.pt")
     for a, b in zip(expected, fresh["pages"] + fresh["queries"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- output folder
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merging_into_a_folder_of_other_exports_needs_overwrite_and_keeps_them(tiny_adapter_dir, tmp_path):
+    # found: `merge_adapter.py --output-dir exports/` replaced the whole folder (the other exports were gone)
+    import pytest
+
+    from colintern.utils import OUTPUT_RECORD, ColinternError
+
+    exports = tmp_path / "exports"
+    (exports / "older-model").mkdir(parents=True)
+    (exports / "older-model" / "model.safetensors").write_bytes(b"an earlier export")
+    (exports / "notes.md").write_text("which export is which")
+    before = _files(exports)
+    with pytest.raises(ColinternError, match=r"exports is not empty .*--overwrite"):
+        merge_adapter(tiny_adapter_dir, exports)
+    assert _files(exports) == before
+
+    merged = merge_adapter(tiny_adapter_dir, exports, overwrite=True)
+    assert (merged / "model.safetensors").is_file() and (merged / "config.json").is_file()
+    assert {k: v for k, v in _files(exports).items() if k in before} == before  # the user's files untouched
+    written = set(json.loads((exports / OUTPUT_RECORD).read_text())["written_by"]["merge_adapter"])
+    assert {"model.safetensors", "config.json", "README.md"} <= written and not written & set(before)
+    assert not [p for p in exports.iterdir() if p.name.endswith(".partial")]
+
+    stamp = (exports / "model.safetensors").stat().st_mtime_ns
+    merge_adapter(tiny_adapter_dir, exports, overwrite=True)  # its own files: replaced
+    assert (exports / "model.safetensors").stat().st_mtime_ns != stamp
+    assert {k: v for k, v in _files(exports).items() if k in before} == before
+
+
+def test_overwrite_never_replaces_a_file_merge_did_not_write(tiny_adapter_dir, tmp_path):
+    import pytest
+
+    from colintern.utils import ColinternError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my own README")
+    with pytest.raises(ColinternError, match=r"out/README.md was not written by merge_adapter"):
+        merge_adapter(tiny_adapter_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    assert (out / "README.md").read_text() == "my own README"
+
+
+def test_merging_into_the_run_folder_is_refused_and_the_run_is_kept(tiny_adapter_dir, tmp_path, capsys):
+    # found: `--output-dir RUN` replaced the run: adapter, checkpoints and trainer state gone
+    from tests.pdf_fixtures import run_script_in_process
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter_dir, run)
+    (run / "checkpoint-2").mkdir()
+    (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"a checkpoint")
+    (run / "trainer_state.json").write_text("{}")
+    before = _files(run)
+    for target, extra in ((run, []), (run, ["--overwrite"]), (run / "merged", []), (tmp_path, ["--overwrite"])):
+        code = run_script_in_process("scripts/merge_adapter.py", "--adapter", str(run), "--output-dir", str(target),
+                                     *extra)
+        err = capsys.readouterr().err
+        assert code == 2, (target, extra)
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert f"--output-dir {target}" in line and f"--adapter {run}" in line
+        assert _files(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -39,6 +39,9 @@ def mined(prepared, colintern_home, tmp_path_factory):
     """A copy of OUT with negatives mined in place by the script; (OUT copy, console output)."""
     out = tmp_path_factory.mktemp("mined") / "out"
     shutil.copytree(prepared.out, out)
+    (out / "train" / "README.md").write_text("the data card")  # the split folder's other contents stay
+    (out / "train" / "notes").mkdir()
+    (out / "train" / "notes" / "sources.txt").write_text("where the PDFs came from")
     done = run_script("scripts/mine_hard_negatives.py", "--model-path", "embedded:tiny-internvl3_5", "--dataset",
                       str(out / "train"), "--top-k", str(TOP_K), "--max-num-visual-tokens", "16")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -162,6 +165,46 @@ def test_output_dir_and_errors(prepared, colintern_home, tmp_path):
     done = run_script("scripts/mine_hard_negatives.py", "--model-path", "embedded:tiny-internvl3_5", "--dataset",
                       str(prepared.out / "train"), "--top-k", "0")
     assert done.returncode == 2 and "--top-k: must be at least 1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_in_place_mining_keeps_everything_else_in_the_split_folder(mined):
+    out, _ = mined
+    assert (out / "train" / "README.md").read_text() == "the data card"
+    assert (out / "train" / "notes" / "sources.txt").read_text() == "where the PDFs came from"
+    assert sorted(p.name for p in (out / "train").glob("*.parquet")) == ["data-00000-of-00001.parquet"]
+
+
+def test_an_output_folder_holding_the_dataset_is_refused_and_left_as_it_was(prepared, tmp_path, capsys):
+    # found: `--dataset OUT/train --output-dir OUT` left one parquet file in OUT (train/, eval/ and the reports gone)
+    from tests.pdf_fixtures import tree_hashes
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared.out, out)
+    before = tree_hashes(out)
+    for target, extra in ((out, []), (out, ["--overwrite"]), (out / "train", []), (out / "train" / "neg", [])):
+        code = run_script_in_process("scripts/mine_hard_negatives.py", "--model-path", "embedded:tiny-internvl3_5",
+                                     "--dataset", str(out / "train"), "--output-dir", str(target), *extra)
+        err = capsys.readouterr().err
+        assert code == 2
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert f"--output-dir {target}" in line and f"--dataset {out / 'train'}" in line
+        assert tree_hashes(out) == before
+
+
+def test_a_non_empty_output_folder_needs_overwrite_which_keeps_other_files(prepared, colintern_home, tmp_path):
+    target = tmp_path / "neg"
+    target.mkdir()
+    (target / "README.md").write_text("the user's notes")
+    config = {"model_path": "embedded:tiny-internvl3_5", "dataset": str(prepared.out), "top_k": 1,
+              "output_dir": str(target), "max_num_visual_tokens": 16}
+    with pytest.raises(ColinternError, match=r"neg is not empty .*--overwrite"):
+        mine_hard_negatives(MiningConfig(**config))
+    mine_hard_negatives(MiningConfig(**config, overwrite=True))
+    assert len(load_pairs(str(target), "train")[0]["negatives"]) == 1
+    mine_hard_negatives(MiningConfig(**{**config, "top_k": 2}, overwrite=True))  # its own files: replaced
+    assert len(load_pairs(str(target), "train")[0]["negatives"]) == 2
+    assert (target / "README.md").read_text() == "the user's notes"
+    assert sorted(p.name for p in target.iterdir()) == [".colintern-output", "README.md", "data-00000-of-00001.parquet"]
 
 
 # ---------------------------------------------------------------------------------------------------- training

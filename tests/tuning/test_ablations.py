@@ -32,6 +32,12 @@ def test_one_factor_at_a_time_and_lr_scaling():
         parse_vary(["nonsense=1"])
 
 
+def test_an_experiment_name_from_a_config_cannot_place_runs_outside_the_output_root(tmp_path):
+    plan = plan_ablation(base_config(), parse_vary(["rank=4"]), name="../../../elsewhere", output_root=tmp_path)
+    (variant,) = plan.variants
+    assert variant.config.training.output_dir == str(tmp_path / "elsewhere" / "rank=4")
+
+
 def test_ablation_runs_logs_a_nan_variant_and_skips_finished_ones(colintern_home, small_synthdocs_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
