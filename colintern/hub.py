@@ -47,7 +47,10 @@ def _bypasses_proxy(host: str) -> bool:
 
 
 def set_offline_mode() -> None:
-    """Offline mode for this process, also for libraries that already read the environment."""
+    """Offline mode for this process, also for libraries that already read the environment.
+
+    huggingface_hub (2.4) reads HF_HUB_OFFLINE once, at import, into `constants.HF_HUB_OFFLINE` (what its
+    `is_offline_mode()` returns) and offers no setter; datasets copies it into its own config. Hence the patches."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     try:

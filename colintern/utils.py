@@ -20,6 +20,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PRESETS_DIR = PACKAGE_DIR / "configs" / "presets"  # training presets and Optuna search spaces (experiments/configs)
 ARCHITECTURES_DIR = PACKAGE_DIR / "configs" / "internvl3_5"  # the shipped InternVL3.5 model configs
 REFERENCES_DIR = PACKAGE_DIR / "reports" / "references"  # published leaderboard scores (results/leaderboard)
+# The resolved configuration colintern's trainer writes into a run folder (and export copies beside the weights).
+RUN_CONFIG_FILE = "colintern_run.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # peft's CONFIG_NAME: what makes a folder a PEFT adapter
+
+logger = logging.getLogger(__name__)
 
 
 class ColinternError(RuntimeError):
@@ -126,6 +131,23 @@ def _drop_library_notices(record: logging.LogRecord) -> bool:
 def cache_dir() -> Path:
     """Where on-demand assets (the embedded checkpoint, SynthDocs) are built: $COLINTERN_HOME or ~/.cache/colintern."""
     return Path(os.environ.get("COLINTERN_HOME", Path.home() / ".cache" / "colintern")).expanduser()
+
+
+def read_run_config(folder: str | Path) -> dict[str, Any] | None:
+    """The run configuration saved in `folder` (`RUN_CONFIG_FILE`); None when there is none, or it is unreadable
+    (with a warning: it describes a run, it never decides whether one can be loaded)."""
+    path = Path(folder) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("Ignoring unreadable %s: %s", path, error)
+        return None
+    if not isinstance(config, dict):
+        logger.warning("Ignoring %s: not a JSON object", path)
+        return None
+    return config
 
 
 def manifest_matches(path: Path, manifest_name: str, expected: dict) -> bool:

@@ -265,10 +265,11 @@ def _as_list(embeddings) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- metadata
 # The released model: OpenGVLab/InternVL3_5-1B-HF + custom_text_proj (128), trained on vidore/colpali_train_set.
-# Parameter counts from the architecture built on the meta device (tests/test_mteb_wrapper.py recomputes them):
-#   InternViT-300M 303,938,560 + projector 5,253,120 + Qwen3-0.6B body 596,049,920 + head 131,200 = 905,372,800.
+# Parameter counts of ColIntern3_5 built from the shipped InternVL3.5-1B config on the meta device
+# (tests/evaluation/test_mteb_wrapper.py recomputes them): InternViT-300M 304,012,288 (with its q/k/v biases) +
+# projector 5,253,120 + Qwen3-0.6B body 596,049,920 + head 131,200 = 905,446,528.
 #   The published "1.06B" of InternVL3.5-1B includes its untied LM head (155,582,464), which a retriever drops.
-COLINTERN3_5_1B_PARAMETERS = 905_372_800
+COLINTERN3_5_1B_PARAMETERS = 905_446_528
 COLINTERN3_5_1B_EMBEDDING_PARAMETERS = 155_582_464  # token embeddings, 151,936 x 1,024
 MB = 1024**2
 

@@ -1,12 +1,13 @@
-"""Plumbing: the one name sanitiser and the one output-folder rule every command follows."""
+"""Plumbing: the one name sanitiser, the one output-folder rule every command follows, the run-configuration file."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
-from colintern.utils import OUTPUT_RECORD, ColinternError, prepare_output_dir, safe_name
+from colintern.utils import OUTPUT_RECORD, RUN_CONFIG_FILE, ColinternError, prepare_output_dir, read_run_config, safe_name
 
 
 def test_safe_name_is_always_one_plain_path_component():
@@ -91,3 +92,15 @@ def test_a_failed_run_leaves_no_folder_it_created(tmp_path):
     with pytest.raises(RuntimeError), output.staged():
         raise RuntimeError("killed mid-write")
     assert existing.is_dir()
+
+
+
+def test_run_config_is_read_and_a_bad_one_is_ignored_with_a_warning(tmp_path, caplog):
+    assert read_run_config(tmp_path) is None  # a folder without one
+    (tmp_path / RUN_CONFIG_FILE).write_text(json.dumps({"training": {"lr": 1e-3}}))
+    assert read_run_config(tmp_path) == {"training": {"lr": 1e-3}}
+    for bad in ("{ truncated", "[1, 2]"):
+        (tmp_path / RUN_CONFIG_FILE).write_text(bad)
+        with caplog.at_level(logging.WARNING, logger="colintern.utils"):
+            assert read_run_config(tmp_path) is None
+        assert str(tmp_path / RUN_CONFIG_FILE) in caplog.records[-1].getMessage()

@@ -24,10 +24,7 @@ import argparse
 import logging
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from colintern.benchmarks.full_size import InternVLSpec
+from typing import Any
 
 DESCRIPTION = "Encoding throughput: pages/s and queries/s of the evaluation path at several batch sizes (+ --full-size)"
 
@@ -53,7 +50,7 @@ class EncodeRun:
     page_size: tuple[int, int] = (1240, 1754)
     attn_implementation: str | None = None
     peak_tflops: float | None = None
-    full_size_spec: InternVLSpec | None = None  # None: InternVL3.5-1B (tests pass a scaled-down spec)
+    model_config: Any = None  # --full-size: an InternVLConfig; None: InternVL3.5-1B's (tests: full_size.tiny_config())
     notes: list[str] = field(default_factory=list)
 
 
@@ -202,8 +199,9 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     """Measure the evaluation path (and the reference) at each batch size; return the figures for the JSON."""
     import torch
 
-    from colintern.benchmarks.full_size import InternVLSpec, forward_flops, peak_bf16_tflops, spec_from_config
+    from colintern.benchmarks.full_size import forward_flops, peak_bf16_tflops
     from colintern.benchmarks.measure import PeakMemory
+    from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, InternVLArchitecture
     from colintern.model.loading import default_attn_implementation, default_device, default_dtype
     from colintern.model.encoding import encode_pages, encode_queries
 
@@ -211,28 +209,24 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     if plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.full_size:
-        from colintern.benchmarks.full_size import (
-            FULL_SIZE_MODEL,
-            build_model,
-            build_processor,
-            describe,
-            full_size_config,
-        )
+        from colintern.benchmarks.full_size import FULL_SIZE_MODEL, build_full_size, full_size_config
 
         if device.type != "cuda":
             logger.warning("--full-size on %s: the 1B model runs, but slowly; figures are for GPUs", device)
-        config = plan.full_size_spec or full_size_config()  # the shipped InternVL3.5-1B config
-        spec = config if isinstance(config, InternVLSpec) else spec_from_config(config)
+        config = plan.model_config or full_size_config()  # the shipped InternVL3.5-1B config
+        architecture = InternVLArchitecture.from_config(config)
         attn = plan.attn_implementation or default_attn_implementation(device)
         dtype = default_dtype(device)
-        processor = build_processor(spec, plan.max_num_visual_tokens or 1536)
-        model = build_model(config, processor.image_token_id, device, dtype, attn)
+        budget = plan.max_num_visual_tokens or DEFAULT_MAX_NUM_VISUAL_TOKENS
+        model, processor = build_full_size(
+            config, device=device, dtype=dtype, attn_implementation=attn, max_num_visual_tokens=budget
+        )
         pages, queries = rendered_pages_and_queries(plan.page_size, plan.n_pages, plan.n_queries)
         model_info = {
             "architecture": f"{FULL_SIZE_MODEL} (shipped config, random weights)"
-            if plan.full_size_spec is None
-            else "scaled-down InternVLSpec (random weights)",
-            "spec": describe(spec),
+            if plan.model_config is None
+            else "scaled-down InternVL3.5-1B config (random weights)",
+            "spec": architecture.to_dict(),
         }
     else:
         from colintern.model.embedded import TinyModelConfig
@@ -245,7 +239,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
         attn, dtype = model.config._attn_implementation, model.dtype
         pages, queries = synthdocs_pages_and_queries(plan.dataset, plan.n_pages, plan.n_queries)
         model_info = {"checkpoint": plan.model}
-        spec = spec_from_config(model.config, model.dim)
+        architecture = InternVLArchitecture.from_config(model.config, model.dim)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -254,9 +248,9 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     # FLOPs per page and per query from each input's real (unpadded) length
     sample = processor.process_images(pages[:1])
     page_tiles, page_seq = int(sample["pixel_values"].shape[0]), int(sample["attention_mask"].sum())
-    flops_per_page = forward_flops(spec, page_tiles, page_seq)["total"]
+    flops_per_page = forward_flops(architecture, page_tiles, page_seq)["total"]
     query_lengths = [int(n) for n in processor.process_queries(queries)["attention_mask"].sum(dim=1)]
-    flops_queries = sum(forward_flops(spec, 0, n)["total"] for n in query_lengths)
+    flops_queries = sum(forward_flops(architecture, 0, n)["total"] for n in query_lengths)
     distinct_sizes = {page.size for page in pages}
 
     reference = mteb_colpali_wrapper(model, processor, device) if plan.reference else None
@@ -326,7 +320,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
         "reference": "mteb ColPaliEngineWrapper (same model and processor object)" if reference is not None else None,
         "memory_method": _memory_method(device),
         "notes": plan.notes,
-        "plan": {k: v for k, v in asdict(plan).items() if k not in ("notes", "full_size_spec")},
+        "plan": {k: v for k, v in asdict(plan).items() if k not in ("notes", "model_config")},
     }
     figures["pages"] = measure("pages", pages, plan.page_batch_sizes, flops_per_page * len(pages))
     figures["queries"] = measure("queries", queries, plan.query_batch_sizes, flops_queries)

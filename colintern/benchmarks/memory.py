@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import time
 import weakref
 
+from colintern.benchmarks.full_size import FULL_SIZE_MODEL
 from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "Peak training memory: the advisor's memory model against measured training steps (CPU or GPU)."
-FULL_SIZE_MODEL = "OpenGVLab/InternVL3_5-1B-HF"
 NARROW_MODEL = "narrow-448"  # InternVL3.5-1B's tiling and sequence lengths at a width a CPU trains in seconds
 PAGE_PROMPT_IDS = (1, 2, 3)  # stand-ins for `<|im_start|>`, `user`, `\n`: any ids work, only lengths matter
 
@@ -143,17 +142,13 @@ def _colbert_loss():
 
 def narrow_config():
     """InternVL3.5-1B's config with narrow layers: same tiles (448px, patch 14, 256 tokens), vocabulary, GQA ratio."""
-    from transformers.models.internvl import InternVLConfig
+    from colintern.benchmarks.full_size import scaled_config
 
-    from colintern.tuning.advisor import preset_config_dir
-
-    data = json.loads((preset_config_dir(FULL_SIZE_MODEL) / "config.json").read_text())
-    data["vision_config"].update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-    data["text_config"].update(
-        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    return scaled_config(
+        vision={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+        text={"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16},
     )
-    data["text_config"]["head_dim"] = 16
-    return InternVLConfig.from_dict(data)
 
 
 def build_model(config, setup: TrainingMemorySetup, seed: int = 0):

@@ -67,7 +67,7 @@ class TrainStepRun:
     full_size: bool = False
     page_size: tuple[int, int] = (1240, 1754)
     peak_tflops: float | None = None
-    tiny_full_size: bool = False  # tests: --full-size code path with full_size.InternVLSpec.tiny() on a CPU
+    tiny_full_size: bool = False  # tests: --full-size code path with full_size.tiny_config() on a CPU
     notes: list[str] = field(default_factory=list)
 
     def implementations(self) -> list[tuple[str, int | None]]:
@@ -190,19 +190,15 @@ def benchmark_train_step(plan: TrainStepRun) -> dict:
 
 
 def _save_full_size_model(plan: TrainStepRun, path: Path) -> None:
-    """The random-weight InternVL3.5-1B (or, for tests, the tiny spec) saved as a checkpoint both ways load."""
+    """The random-weight InternVL3.5-1B (or, for tests, its scaled-down copy) saved as a checkpoint both ways load."""
     import torch
 
     from colintern.benchmarks import full_size
 
-    spec = full_size.InternVLSpec.tiny() if plan.tiny_full_size else full_size.spec_from_config(
-        full_size.full_size_config())
-    processor = full_size.build_processor(spec)
     dtype = torch.bfloat16 if plan.device.startswith("cuda") else torch.float32
-    model = full_size.build_model(spec, processor.image_token_id, "cpu", dtype)
+    model, processor = full_size.build_full_size(full_size.tiny_config() if plan.tiny_full_size else None, dtype=dtype)
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    (path / "spec.json").write_text(json.dumps(full_size.describe(spec)))
 
 
 # ------------------------------------------------------------------------------------------------ one run (worker)
@@ -225,6 +221,7 @@ def _worker_main(argv: list[str]) -> None:
 def run_config(plan: TrainStepRun, workers: int | None, output_dir: Path, model_dir: Path | None = None):
     """The preset's configuration for a short timed run: no evaluation, no checkpoints, no loggers. `model_dir`:
     the saved random-weight checkpoint of --full-size."""
+    from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS
     from colintern.training.arguments import RunConfig, apply_overrides, load_yaml_config, preset_path
 
     config = RunConfig()
@@ -246,7 +243,7 @@ def run_config(plan: TrainStepRun, workers: int | None, output_dir: Path, model_
     if plan.full_size:
         config.model.name_or_path = str(model_dir)
         config.data.dataset = "embedded:synthdocs"
-        config.model.max_num_visual_tokens = 1536
+        config.model.max_num_visual_tokens = DEFAULT_MAX_NUM_VISUAL_TOKENS
     if plan.dataset:
         config.data.dataset = plan.dataset
     return config
@@ -383,17 +380,18 @@ def _resized(rows, config, plan: TrainStepRun):
 def _model_flops(plan: TrainStepRun, tmp: Path, trainer, result: dict) -> dict:
     """Model FLOPs per sample and MFU of the timed steps (see the module docstring)."""
     import torch
+    from transformers.models.internvl import InternVLConfig
 
     from colintern.benchmarks import full_size
+    from colintern.model.architecture import InternVLArchitecture
 
-    spec = full_size.InternVLSpec(**{k: v for k, v in json.loads((tmp / "model" / "spec.json").read_text()).items()
-                                     if k != "tokens_per_tile"})
+    architecture = InternVLArchitecture.from_config(InternVLConfig.from_pretrained(tmp / "model"))
     batch = next(iter(trainer.get_train_dataloader()))
     n_tiles = int(batch["doc_pixel_values"].shape[0]) / batch["doc_input_ids"].shape[0]
     page_len = int(batch["doc_attention_mask"].sum(dim=1).float().mean())
     query_len = int(batch["query_attention_mask"].sum(dim=1).float().mean())
-    page = full_size.forward_flops(spec, round(n_tiles), page_len)
-    query = full_size.forward_flops(spec, 0, query_len)
+    page = full_size.forward_flops(architecture, round(n_tiles), page_len)
+    query = full_size.forward_flops(architecture, 0, query_len)
     lora = any("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     backward_factor = 1.0 if lora else 2.0
     backward = backward_factor * (page["language"] + page["head"] + query["language"] + query["head"])

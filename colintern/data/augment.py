@@ -5,19 +5,18 @@
                 jpeg_quality: [50, 95]}
 
 Each operation is applied independently with `probability`; magnitudes are drawn uniformly up to the given bound.
-Randomness comes from torch's global RNG (one draw per page), which the Trainer seeds and restores on resume, and
-which DataLoader workers derive per epoch: runs stay reproducible with their seed.
+The operations are torchvision's (`torchvision.transforms.v2`: RandomRotation, ColorJitter, GaussianBlur,
+GaussianNoise, JPEG, each in a RandomApply). They draw from torch's global RNG, which the Trainer seeds and restores
+on resume, and which DataLoader workers derive per epoch: runs stay reproducible with their seed.
 """
 
 from __future__ import annotations
 
-import io
-import random
+import math
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
-import numpy as np
-import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from colintern.utils import ColinternError
 
@@ -51,28 +50,29 @@ class PageAugmentation:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @cached_property
+    def transform(self):
+        """The `torchvision.transforms.v2` pipeline: PIL page -> uint8 tensor -> the enabled operations -> PIL."""
+        from torchvision.transforms import v2
+
+        p = self.probability
+        steps = [v2.ToImage()]
+        if self.rotation:
+            rotate = v2.RandomRotation(self.rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=255)
+            steps.append(v2.RandomApply([rotate], p=p))
+        if self.brightness:
+            steps.append(v2.RandomApply([v2.ColorJitter(brightness=self.brightness)], p=p))
+        if self.contrast:
+            steps.append(v2.RandomApply([v2.ColorJitter(contrast=self.contrast)], p=p))
+        if self.blur:  # sigma ~ the radius of PIL's GaussianBlur; the kernel covers 3 sigma either side
+            blur = v2.GaussianBlur(2 * math.ceil(3 * self.blur) + 1, sigma=(min(0.1, self.blur), self.blur))
+            steps.append(v2.RandomApply([blur], p=p))
+        if self.noise:  # on uint8 images sigma is in units of 255, as `noise` is
+            steps.append(v2.RandomApply([v2.GaussianNoise(sigma=self.noise)], p=p))
+        if self.jpeg_quality:
+            steps.append(v2.RandomApply([v2.JPEG(list(self.jpeg_quality))], p=p))
+        steps.append(v2.ToPILImage())
+        return v2.Compose(steps)
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        rng = random.Random(int(torch.randint(0, 2**62, (1,))))
-        image = image.convert("RGB")
-
-        def active(bound) -> bool:
-            return bool(bound) and rng.random() < self.probability
-
-        if active(self.rotation):
-            angle = rng.uniform(-self.rotation, self.rotation)
-            image = image.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False, fillcolor=(255, 255, 255))
-        if active(self.brightness):
-            image = ImageEnhance.Brightness(image).enhance(1 + rng.uniform(-self.brightness, self.brightness))
-        if active(self.contrast):
-            image = ImageEnhance.Contrast(image).enhance(1 + rng.uniform(-self.contrast, self.contrast))
-        if active(self.blur):
-            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, self.blur)))
-        if active(self.noise):
-            array = np.asarray(image, dtype=np.float32)
-            noise = np.random.default_rng(rng.getrandbits(63)).normal(0, self.noise * 255, array.shape)
-            image = Image.fromarray(np.clip(array + noise, 0, 255).astype(np.uint8))
-        if self.jpeg_quality and rng.random() < self.probability:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=rng.randint(*self.jpeg_quality))
-            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-        return image
+        return self.transform(image.convert("RGB"))

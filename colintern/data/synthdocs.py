@@ -55,7 +55,6 @@ QUERY_TEMPLATES = (
     "find the {doc} showing a {chart} under a {band} header, with a {logo_colour} {shape} logo",
     "a {logo_colour} {shape} logo on a {doc} with a {band} heading and a {chart}",
 )
-SPLITS = ("train", "validation", "test")
 EMBEDDED_DATASET = "embedded:synthdocs"  # the alias accepted wherever a dataset path is
 FORMAT_VERSION = 1  # bump when the rendering or the layout on disk changes
 SPLIT_FILES = ("corpus", "queries", "qrels")

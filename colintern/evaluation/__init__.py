@@ -7,19 +7,10 @@
     resolve_benchmarks(names)                   "ViDoRe(v1)", task names, "SynthDocsRetrieval", folders -> mteb tasks
 """
 
-from colintern.evaluation.results import (
-    TABLE_METRICS,
-    BenchmarkAverage,
-    TaskScores,
-    format_table,
-    read_task_result,
-    results_table,
-    task_scores,
-)
+from colintern.evaluation.results import TABLE_METRICS, BenchmarkAverage, format_table, results_table
 from colintern.evaluation.runner import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT_DIR,
-    EvaluationConfig,
     EvaluationSummary,
     download_benchmarks,
     ensure_hub_datasets_available,
@@ -34,13 +25,13 @@ from colintern.evaluation.tasks import (
     local_retrieval_task,
     resolve_benchmarks,
 )
+from colintern.mteb_results import TaskScores, read_task_result, task_scores
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_OUTPUT_DIR",
     "TABLE_METRICS",
     "BenchmarkAverage",
-    "EvaluationConfig",
     "EvaluationSummary",
     "LocalRetrievalTask",
     "SynthDocsRetrieval",

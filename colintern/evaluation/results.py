@@ -1,8 +1,6 @@
-"""Score tables from mteb result files: NDCG@5, NDCG@10 and Recall@100 per task, and benchmark averages.
-
-mteb writes one JSON per task, `{cache}/results/{model}/{revision}/{Task}.json`, with
-`scores[split] = [{"hf_subset": ..., "ndcg_at_5": ..., ...}, ...]` (values in [0, 1]). A task's score for a split is
-the mean over its subsets (languages), as mteb's `TaskResult.get_score` computes it.
+"""Score tables of one model from its mteb result files: NDCG@5, NDCG@10 and Recall@100 per task, and benchmark
+averages. The files are read by `colintern.mteb_results` (`TaskScores`, `read_task_result`, `task_scores`), the one
+reader the reports use too.
 """
 
 from __future__ import annotations
@@ -13,6 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from colintern.mteb_results import (
+    KNOWN_BENCHMARKS,
+    TaskScores,
+    benchmark_tasks,
+    read_task_result,
+    task_main_metric,
+    task_scores,
+)
+
 logger = logging.getLogger(__name__)
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
@@ -20,34 +27,6 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("ndcg_at_10", "NDCG@10"),
     ("recall_at_100", "Recall@100"),
 )
-
-
-@dataclass
-class TaskScores:
-    """One task's scores (fractions in [0, 1]) for one split, plus the encode throughput when computed now."""
-
-    task: str
-    split: str
-    scores: dict[str, float]
-    main_score: float
-    main_metric: str
-    result_file: Path | None = None
-    computed: bool = False  # evaluated in this run (False: read from earlier results)
-    pages_per_s: float | None = None
-    queries_per_s: float | None = None
-    evaluation_time_s: float | None = None
-
-    def as_dict(self) -> dict:
-        """{"task", "split", "ndcg_at_5", "ndcg_at_10", "recall_at_100", "main_score", ...} (fractions)."""
-        return {
-            "task": self.task,
-            "split": self.split,
-            **self.scores,
-            "main_score": self.main_score,
-            "main_metric": self.main_metric,
-            "pages_per_s": self.pages_per_s,
-            "queries_per_s": self.queries_per_s,
-        }
 
 
 @dataclass
@@ -64,51 +43,21 @@ class BenchmarkAverage:
         return self.n_tasks == self.n_total
 
 
-def read_task_result(path: str | Path):
-    """An mteb `TaskResult` from its JSON file."""
-    from mteb.results import TaskResult
-
-    return TaskResult.from_disk(Path(path))
-
-
-def task_scores(result, split: str = "test", result_file: Path | None = None) -> TaskScores:
-    """`TaskScores` of an mteb `TaskResult` for `split` (metrics averaged over subsets)."""
-    if split not in result.scores:
-        raise KeyError(f"{result.task_name} has no results for the {split} split (has: {', '.join(result.scores)})")
-    entries = result.scores[split]
-    metrics = {}
-    for key, _label in TABLE_METRICS:
-        values = [entry[key] for entry in entries if key in entry]
-        metrics[key] = sum(values) / len(values) if values else math.nan
-    main = [entry["main_score"] for entry in entries if "main_score" in entry]
-    main_metric = _main_metric(result.task_name)
-    return TaskScores(
-        task=result.task_name,
-        split=split,
-        scores=metrics,
-        main_score=sum(main) / len(main) if main else math.nan,
-        main_metric=main_metric,
-        result_file=result_file,
-        evaluation_time_s=result.evaluation_time,
-    )
-
-
-def _main_metric(task_name: str) -> str:
+def main_metric(task_name: str) -> str:
+    """A task's main metric: colintern's own tasks (SynthDocs, local folders: NDCG@5), else mteb's registry."""
     from colintern.evaluation.tasks import LOCAL_TASKS
 
     if task_name in LOCAL_TASKS:
         return LOCAL_TASKS[task_name].metadata.main_score
-    try:
-        import mteb
-
-        return mteb.get_task(task_name).metadata.main_score
-    except Exception:  # noqa: BLE001 - a local folder's task: ndcg_at_5 as for every colintern task
-        return "ndcg_at_5"
+    return task_main_metric(task_name) or "ndcg_at_5"
 
 
 def average(label: str, rows: Sequence[TaskScores], n_total: int) -> BenchmarkAverage:
+    """Each metric's mean over the rows that have it (every table metric is present, NaN when no row has it)."""
+    keys = [key for key, _label in TABLE_METRICS]
+    keys += sorted({key for row in rows for key in row.scores} - set(keys))
     scores = {}
-    for key, _label in TABLE_METRICS:
+    for key in keys:
         values = [row.scores[key] for row in rows if not math.isnan(row.scores.get(key, math.nan))]
         scores[key] = sum(values) / len(values) if values else math.nan
     return BenchmarkAverage(label=label, n_tasks=len(rows), n_total=n_total, scores=scores)
@@ -143,7 +92,7 @@ def results_table(
         for name in task_names:
             if name not in rows and name in files:
                 try:
-                    rows[name] = task_scores(read_task_result(files[name]), split, files[name])
+                    rows[name] = task_scores(read_task_result(files[name]), split, files[name], main_metric(name))
                 except KeyError as error:
                     logger.warning("%s", error)
                     continue
@@ -173,11 +122,9 @@ def _revision_folder(path: Path) -> Path:
 
 
 def _known_benchmarks(task_names: set[str]) -> list[tuple[str, list[str]]]:
-    import mteb
-
     groups = []
-    for name in ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)"):
-        members = [task.metadata.name for task in mteb.get_benchmark(name).tasks]
+    for name in KNOWN_BENCHMARKS:
+        members = list(benchmark_tasks(name))
         if task_names & set(members):
             groups.append((name, members))
     return groups

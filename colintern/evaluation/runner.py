@@ -14,44 +14,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
-from colintern.evaluation.results import (
-    BenchmarkAverage,
-    TaskScores,
-    average,
-    format_table,
-    read_task_result,
-    task_scores,
-)
+from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
+from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
+from colintern.mteb_results import TaskScores, read_task_result, task_scores
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = "results/mteb_evaluation"
 DEFAULT_BATCH_SIZE = 16
-
-
-@dataclass
-class EvaluationConfig:
-    """Everything `evaluate` needs; `scripts/evaluate.py` fills it from the command line."""
-
-    model_path: str
-    benchmarks: list[str] = field(default_factory=lambda: ["ViDoRe(v1)"])
-    batch_size: int = DEFAULT_BATCH_SIZE
-    output_dir: str = DEFAULT_OUTPUT_DIR
-    overwrite: bool = False
-    allow_untrained_head: bool = False
-    splits: list[str] | None = None  # default: each task's own evaluation split ("test")
-    device: str | None = None
-    dtype: str | None = None
-    model_name: str | None = None
-    max_num_visual_tokens: int | None = None
-    show_progress: bool = True
 
 
 @dataclass
@@ -90,7 +66,7 @@ class EvaluationSummary:
                     "main_score": row.main_score,
                     "pages_per_s": row.pages_per_s,
                     "queries_per_s": row.queries_per_s,
-                    "result_file": str(row.result_file) if row.result_file else None,
+                    "result_file": row.source,
                 }
                 for row in self.rows
             ],
@@ -342,10 +318,11 @@ def _collect(selections, tasks, results_dir: Path, throughput) -> tuple[list[Tas
         if not path.is_file():
             raise ColinternError(f"mteb wrote no result file for {name} ({path}).")
         splits = list(task.eval_splits)
-        row = task_scores(read_task_result(path), splits[0], path)
+        result = read_task_result(path)
+        row = task_scores(result, splits[0], path, task.metadata.main_score)
         if len(splits) > 1:  # several splits asked for: one row each
             for split in splits[1:]:
-                extra = task_scores(read_task_result(path), split, path)
+                extra = task_scores(result, split, path, task.metadata.main_score)
                 extra.task = f"{name} ({split})"
                 rows[extra.task] = extra
         if name in throughput:
@@ -396,6 +373,4 @@ def evaluate_in_memory(
         )
     finally:
         model.train(was_training)
-    entries = result.task_results[0].scores[split]
-    keys = [k for k, v in entries[0].items() if isinstance(v, (int, float))]
-    return {key: sum(entry[key] for entry in entries) / len(entries) for key in keys}
+    return task_scores(result.task_results[0], split, main_metric=task.metadata.main_score).scores

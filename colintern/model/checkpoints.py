@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from colintern.model.embedded import resolve_embedded
-from colintern.utils import ColinternError, safe_name
+from colintern.utils import ColinternError, read_run_config, safe_name
 
 logger = logging.getLogger(__name__)
 
 HEAD_PREFIX = "custom_text_proj"
-RUN_CONFIG_FILE = "colintern_run.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # Files whose content defines what a local checkpoint computes (weights, architecture, processor).
@@ -132,17 +131,6 @@ def hub_revision(repo_id: str) -> str:
     except Exception:  # noqa: BLE001
         pass
     return NO_REVISION
-
-
-def read_run_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / RUN_CONFIG_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        logger.warning("Ignoring unreadable %s: %s", path, error)
-        return None
 
 
 def _base_identity(base_model: str) -> str:

@@ -8,15 +8,15 @@ One function per thing a user points at:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from colintern.model.embedded import resolve_embedded
-from colintern.utils import ColinternError
+from colintern.utils import ADAPTER_CONFIG_FILE, ColinternError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def default_attn_implementation(device: str | torch.device) -> str:
 
 
 def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
 
 
 def _explain_load_error(name: str, error: Exception) -> ColinternError:
@@ -115,23 +115,25 @@ def has_processor_files(path: str | Path) -> bool:
 
 @dataclass
 class AdapterInfo:
-    """What an adapter folder says about itself."""
+    """What an adapter folder says about itself: its `peft.PeftConfig` (adapter_config.json) and its base model."""
 
     path: Path
     base_model: str
-    config: dict
+    config: Any  # peft.PeftConfig (a LoraConfig for colintern's adapters)
 
     @classmethod
     def read(cls, path: str | Path) -> AdapterInfo:
+        """Read `path`/adapter_config.json with peft; an unreadable file or a missing base model is an error."""
+        from peft import PeftConfig
+
         path = Path(path)
         try:
-            config = json.loads((path / "adapter_config.json").read_text())
-        except (OSError, ValueError) as error:
-            raise ColinternError(f"{path}/adapter_config.json is unreadable: {error}") from error
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise ColinternError(f"{path}/adapter_config.json names no base model (base_model_name_or_path).")
-        return cls(path=path, base_model=base, config=config)
+            config = PeftConfig.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as error:
+            raise ColinternError(f"{path}/{ADAPTER_CONFIG_FILE} is unreadable: {error}") from error
+        if not config.base_model_name_or_path:
+            raise ColinternError(f"{path}/{ADAPTER_CONFIG_FILE} names no base model (base_model_name_or_path).")
+        return cls(path=path, base_model=config.base_model_name_or_path, config=config)
 
 
 def load_retriever(

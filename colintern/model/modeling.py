@@ -17,9 +17,10 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.internvl import InternVLConfig, InternVLModel
 
+from colintern.model.architecture import DEFAULT_EMBEDDING_DIM
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDING_DIM = 128
 # The head is initialised from its own generator so that it is the same on every load, whatever the global RNG:
 # a checkpoint saved without trained head weights can then be recognised (see `head_is_untrained`).
 DEFAULT_HEAD_INIT_SEED = 0

@@ -18,23 +18,8 @@ from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_t
 from transformers.models.internvl import InternVLProcessor
 
 from colintern.data.pages import to_rgb
+from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, max_tiles_for_budget
 from colintern.model.scoring import max_sim
-
-DEFAULT_MAX_NUM_VISUAL_TOKENS = 1536  # 6 tiles of 256 tokens: e.g. 2 x 2 tiles + thumbnail for a square page
-
-
-def max_tiles_for_budget(max_num_visual_tokens: int, tokens_per_tile: int) -> int:
-    """The `max_patches` for GotOcr2's tiler that keeps a page within `max_num_visual_tokens`.
-
-    A page cut into more than one tile also gets a thumbnail tile, so a grid of n > 1 tiles costs n + 1 tiles.
-    """
-    budget = max_num_visual_tokens // tokens_per_tile
-    if budget < 1:
-        raise ValueError(
-            f"max_num_visual_tokens={max_num_visual_tokens} is below one tile ({tokens_per_tile} tokens); "
-            f"use at least {tokens_per_tile}."
-        )
-    return budget - 1 if budget >= 3 else 1
 
 
 class ColIntern3_5Processor(BaseVisualRetrieverProcessor, InternVLProcessor):  # noqa: N801

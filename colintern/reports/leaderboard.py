@@ -21,15 +21,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from colintern.reports.results import (
-    DEFAULT_LEADERBOARD_DIR,
-    KNOWN_BENCHMARKS,
-    TaskScores,
-    benchmark_main_metric,
-    benchmark_tasks,
-    metric_label,
-    task_scores_from_result,
-)
+from colintern.mteb_results import KNOWN_BENCHMARKS, TaskScores, benchmark_tasks, read_task_result, task_scores
+from colintern.reports.results import DEFAULT_LEADERBOARD_DIR, benchmark_main_metric, metric_label
 from colintern.utils import ColinternError, atomic_write_text, prepare_output_dir, safe_name
 
 logger = logging.getLogger(__name__)
@@ -138,7 +131,6 @@ def _model_record(
     benchmarks: Sequence[str],
 ) -> dict:
     import mteb
-    from mteb import TaskResult
 
     tasks: dict[str, dict] = {}
     scored: dict[str, TaskScores] = {}
@@ -147,7 +139,7 @@ def _model_record(
             if task not in chosen:
                 continue
             revision, path = chosen[task]
-            scores = task_scores_from_result(TaskResult.from_disk(path))
+            scores = task_scores(read_task_result(path))
             scored[task] = scores
             tasks[task] = {
                 "benchmark": benchmark,

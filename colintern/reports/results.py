@@ -4,7 +4,7 @@ A *result set* is one model's scores on a set of tasks: read from mteb `TaskResu
 cache=ResultCache(root))` writes to `{root}/results/{model}/{revision}/{Task}.json`, found recursively under any
 folder) or from a reference file in `results/leaderboard/` (published scores, see `colintern.reports.leaderboard`).
 Scores are kept per task as mteb reports them (0-1), averaged over the task's language subsets the way mteb's own
-`TaskResult.get_score` does.
+`TaskResult.get_score` does. Result files are read by `colintern.mteb_results`, the one reader the evaluation uses too.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ import difflib
 import functools
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from colintern.utils import REFERENCES_DIR, ColinternError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mteb import TaskResult
+from colintern.mteb_results import KNOWN_BENCHMARKS, TaskScores, benchmark_tasks, read_task_result, task_scores
+from colintern.utils import ADAPTER_CONFIG_FILE, REFERENCES_DIR, RUN_CONFIG_FILE, ColinternError
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EVALUATION_ROOT = Path("results/mteb_evaluation")
 # The reference scores shipped with colintern.
 DEFAULT_LEADERBOARD_DIR = REFERENCES_DIR
-# Benchmarks whose tasks are grouped (and averaged) together, in display order. A task in none of them is shown in
-# its own group without an average. ViDoRe(v1)/(v2) rank by NDCG@5, ViDoRe(v3) by NDCG@10 (mteb's main scores).
-KNOWN_BENCHMARKS: tuple[str, ...] = ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)")
+# A task in none of KNOWN_BENCHMARKS is shown in its own group without an average.
 OTHER_TASKS = "Other tasks"
 DEFAULT_METRIC = "ndcg_at_5"
 # Prefix that forces a name to be looked up among the reference models only (`leaderboard:colpali-v1.3`).
@@ -42,9 +36,9 @@ REFERENCE_PREFIX = "leaderboard:"
 _NOT_TASK_RESULTS = {
     "model_meta.json",
     "trainer_state.json",
-    "colintern_run.json",
+    RUN_CONFIG_FILE,
     "config.json",
-    "adapter_config.json",
+    ADAPTER_CONFIG_FILE,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -54,25 +48,6 @@ _NOT_TASK_RESULTS = {
     "vocab.json",
     "added_tokens.json",
 }
-
-
-@dataclass
-class TaskScores:
-    """One model's scores on one task: metric name -> value in [0, 1], averaged over the task's subsets."""
-
-    task_name: str
-    scores: dict[str, float]
-    main_metric: str | None = None
-    mteb_version: str | None = None
-    dataset_revision: str | None = None
-    split: str | None = None
-    source: str | None = None  # the file it was read from, or the reference's source path
-
-    def get(self, metric: str) -> float | None:
-        if metric == "main_score":
-            metric = self.main_metric or "main_score"
-        value = self.scores.get(metric)
-        return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass
@@ -141,14 +116,6 @@ def check_metric(metric: str, result_sets: Sequence[ResultSet]) -> str:
 
 
 @functools.cache
-def benchmark_tasks(name: str) -> tuple[str, ...]:
-    """The task names of an mteb benchmark, in mteb's order (no data is downloaded)."""
-    import mteb
-
-    return tuple(task.metadata.name for task in mteb.get_benchmark(name).tasks)
-
-
-@functools.cache
 def benchmark_main_metric(name: str) -> str:
     import mteb
 
@@ -164,46 +131,6 @@ def benchmark_of(task_name: str, benchmarks: Sequence[str] = KNOWN_BENCHMARKS) -
 
 
 # --------------------------------------------------------------------------------------------- mteb result files
-
-
-def task_scores_from_result(result: TaskResult, source: str | None = None) -> TaskScores:
-    """Flatten an mteb TaskResult to per-metric values, averaged over subsets as `TaskResult.get_score` does.
-
-    The "test" split is used when present (the ViDoRe evaluation split), else every split.
-    """
-    splits = ["test"] if "test" in result.scores else list(result.scores)
-    entries = [entry for split in splits for entry in result.scores[split]]
-    metrics = {
-        key
-        for key, value in (entries[0].items() if entries else ())
-        if isinstance(value, int | float) and not isinstance(value, bool)
-    }
-    metrics = {key for key in metrics if all(isinstance(entry.get(key), int | float) for entry in entries)}
-    scores = {}
-    for key in sorted(metrics):
-        value = float(result.get_score(splits=splits, getter=lambda s, k=key: s[k]))
-        if math.isfinite(value):
-            scores[key] = value
-    return TaskScores(
-        task_name=result.task_name,
-        scores=scores,
-        main_metric=_task_main_metric(result.task_name),
-        mteb_version=result.mteb_version,
-        dataset_revision=result.dataset_revision,
-        split=",".join(splits),
-        source=source,
-    )
-
-
-@functools.cache
-def _task_main_metric(task_name: str) -> str | None:
-    """The task's main score name from mteb's registry; None for a task mteb does not know (e.g. a local one)."""
-    import mteb
-
-    try:
-        return mteb.get_task(task_name).metadata.main_score
-    except Exception:  # noqa: BLE001 - unknown or local task: its file's main_score stands
-        return None
 
 
 def _looks_like_task_result(path: Path) -> bool:
@@ -229,19 +156,6 @@ def find_task_result_files(folder: Path) -> list[Path]:
         if _looks_like_task_result(path):
             files.append(path)
     return files
-
-
-def read_task_result(path: Path) -> TaskResult:
-    """Load one result file with mteb's own reader; a broken file is an error that names it."""
-    from mteb import TaskResult
-
-    try:
-        return TaskResult.from_disk(path)
-    except Exception as error:  # noqa: BLE001 - pydantic/JSON errors: say which file
-        raise ColinternError(
-            f"{path} is not a readable mteb result file ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "Re-run the evaluation for that task (scripts/evaluate.py --overwrite) or remove the file."
-        ) from error
 
 
 def model_identity(revision_dir: Path) -> tuple[str | None, str | None]:
@@ -280,8 +194,8 @@ def load_result_folder(folder: str | Path, label: str | None = None) -> list[Res
         model_name, revision = model_identity(directory)
         tasks: dict[str, TaskScores] = {}
         for path in sorted(paths, key=lambda p: p.stat().st_mtime):
-            scores = task_scores_from_result(read_task_result(path), source=str(path))
-            tasks[scores.task_name] = scores
+            scores = task_scores(read_task_result(path), source=path)
+            tasks[scores.task] = scores
         result_sets.append(
             ResultSet(
                 label=str(directory),
@@ -320,7 +234,7 @@ def load_reference_models(leaderboard_dir: str | Path | None = None) -> list[Res
         source = data.get("source", {})
         tasks = {
             name: TaskScores(
-                task_name=name,
+                task=name,
                 scores={k: float(v) for k, v in entry.get("scores", {}).items() if v is not None},
                 main_metric=entry.get("main_metric"),
                 mteb_version=entry.get("mteb_version"),

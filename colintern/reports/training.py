@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from colintern.utils import ColinternError
+from colintern.utils import RUN_CONFIG_FILE, ColinternError, read_run_config
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-RUN_CONFIG = "colintern_run.json"
 # The effective batch of the published ColPali/ColQwen recipes (per-device batch x accumulation x processes).
 REFERENCE_EFFECTIVE_BATCH = 64
 
@@ -249,18 +248,12 @@ _SETTING_SECTIONS = {"lora_rank": ("lora",), "peft": ("lora", "training", "")}
 def read_run_settings(run_dir: str | Path) -> RunSettings:
     """The run configuration colintern's trainer saved (`colintern_run.json`), tolerating missing keys/sections."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / RUN_CONFIG]
+    candidates = [run_dir / RUN_CONFIG_FILE]
     if run_dir.name.startswith("checkpoint-"):
-        candidates.append(run_dir.parent / RUN_CONFIG)
+        candidates.append(run_dir.parent / RUN_CONFIG_FILE)
     path = next((p for p in candidates if p.exists()), None)
-    if path is None:
-        return RunSettings()
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        logger.warning("Ignoring unreadable %s (%s)", path, error)
-        return RunSettings()
-    if not isinstance(config, dict):
+    config = read_run_config(path.parent) if path is not None else None
+    if config is None:
         return RunSettings()
     values: dict[str, Any] = {}
     for name, keys in _SETTING_KEYS.items():
@@ -408,7 +401,7 @@ def _describe_settings(s: RunSettings, h: TrainingHistory) -> str:
         parts.append(f"lr {s.learning_rate:g}")
     batch = s.per_device_batch_size or h.train_batch_size
     if batch and s.source is None:
-        parts.append(f"batch {batch}/device (no {RUN_CONFIG}: accumulation and processes unknown)")
+        parts.append(f"batch {batch}/device (no {RUN_CONFIG_FILE}: accumulation and processes unknown)")
     elif batch:
         effective = batch * (s.gradient_accumulation_steps or 1) * (s.world_size or 1)
         parts.append(
@@ -430,7 +423,7 @@ def training_report(run_dir: str | Path, thresholds: DiagnosisThresholds | None 
     state_path = find_trainer_state(run_dir)
     history = read_history(state_path)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else state_path.parent
-    settings = read_run_settings(run_dir if (run_dir / RUN_CONFIG).exists() else state_path.parent)
+    settings = read_run_settings(run_dir if (run_dir / RUN_CONFIG_FILE).exists() else state_path.parent)
     if settings.per_device_batch_size is None and history.train_batch_size:
         settings.per_device_batch_size = history.train_batch_size
     findings = diagnose(history, settings, thresholds, run_dir=run_dir)

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS
 from colintern.utils import PRESETS_DIR, ColinternError
 
 DEFAULT_PRESET = "colintern3_5-1b"
@@ -58,7 +59,8 @@ class ModelConfig:
         metadata=_flag("--model", "base model: Hub id, local folder, or embedded:tiny-internvl3_5"),
     )
     max_num_visual_tokens: int = field(
-        default=1536, metadata=_flag("--max-num-visual-tokens", "image tokens per page at most (tiling limit)")
+        default=DEFAULT_MAX_NUM_VISUAL_TOKENS,
+        metadata=_flag("--max-num-visual-tokens", "image tokens per page at most (tiling limit)"),
     )
     dtype: str = field(default="auto", metadata=_flag("--dtype", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32"))
     attn_implementation: str = field(

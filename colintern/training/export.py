@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from colintern.utils import ColinternError, prepare_output_dir
+from colintern.utils import ADAPTER_CONFIG_FILE, RUN_CONFIG_FILE, ColinternError, prepare_output_dir, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def merge_adapter(
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not is_adapter_dir(adapter_dir):
-        raise ColinternError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+        raise ColinternError(f"{adapter_dir} is not a PEFT adapter folder (no {ADAPTER_CONFIG_FILE})")
     base = resolve_embedded(base_model or AdapterInfo.read(adapter_dir).base_model)
     output = prepare_output_dir(output_dir, command="merge_adapter", overwrite=overwrite,
                                 inputs={"--adapter": adapter_dir, "--base-model": base})
@@ -48,13 +48,13 @@ def merge_adapter(
         if model.head_is_untrained():
             raise ColinternError(f"{adapter_dir}: the projection head is untrained; merging would export a useless model")
         model.config.architectures = ["ColIntern3_5"]
-        run_config = _read_json(adapter_dir / "colintern_run.json")
+        run_config = read_run_config(adapter_dir)
         with output.staged() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(adapter_dir, run_config, results))
             if run_config:
-                (tmp / "colintern_run.json").write_text(json.dumps(run_config, indent=2))
+                (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
     except BaseException:
         output.discard_if_unused()
         raise
@@ -62,17 +62,11 @@ def merge_adapter(
     return output_dir
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def model_card(adapter_dir: Path, run_config: dict | None, results: list[dict] | None) -> str:
     """A Hugging Face model card: what the model is, how it was trained, how it scores, how to load it."""
-    adapter = _read_json(adapter_dir / "adapter_config.json") or {}
-    base = adapter.get("base_model_name_or_path", "unknown")
+    from colintern.model.loading import AdapterInfo
+
+    base = AdapterInfo.read(adapter_dir).base_model
     lines = [
         "---",
         "library_name: colintern",

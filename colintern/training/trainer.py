@@ -28,12 +28,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from colintern.training.arguments import RunConfig
-from colintern.utils import ColinternError
+from colintern.utils import RUN_CONFIG_FILE, ColinternError
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "colintern_run.json"
-DATA_REPORT_FILE = "data_report.json"
 NEGATIVE_LOSSES = {"negative-ce", "pairwise-negative-ce"}
 # the loss a hard-negative loss falls back to on batches without negatives (the evaluation split has none)
 IN_BATCH_EQUIVALENT = {"negative-ce": "colbert", "pairwise-negative-ce": "pairwise"}
@@ -88,7 +86,11 @@ def compact_multivectors(embeddings: torch.Tensor, length: int | None = None) ->
 
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward hands each rank the gradient of the *sum* of every rank's loss w.r.t. its own
-    input (DDP then averages parameter gradients, giving the gradient of the mean loss)."""
+    input (DDP then averages parameter gradients, giving the gradient of the mean loss).
+
+    Not `torch.distributed.nn.functional.all_gather`, which means to do the same: in torch 2.13 it is deprecated, and
+    on gloo its backward (an all_to_all) returns wrong gradients when the incoming gradients are not contiguous, as
+    ColbertLoss's are (tests/training/test_distributed.py fails with it)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor):
@@ -610,8 +612,11 @@ def peak_memory_gb() -> float:
 
 
 def _log_trainable(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """peft's count for a PeftModel (4-bit weights counted as parameters, not bytes), transformers' otherwise."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     logger.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total))
 
 

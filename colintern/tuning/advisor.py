@@ -17,10 +17,15 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
+from colintern.model.architecture import (
+    DEFAULT_MAX_NUM_VISUAL_TOKENS,
+    InternVLArchitecture,
+    tiles_per_page,
+)
 from colintern.training.arguments import LM_LINEAR_TARGETS
 from colintern.utils import ARCHITECTURES_DIR, ColinternError
 
@@ -42,7 +47,6 @@ LM_LORA_TARGET_REGEX = LM_LINEAR_TARGETS
 LORA_MODULES_TO_SAVE = ("custom_text_proj",)
 # A page prompt is `<|im_start|>user\n<img>` + image-context tokens + `</img>`: 5 tokens besides the image's.
 PAGE_PROMPT_TOKENS = 5
-DEFAULT_MAX_NUM_VISUAL_TOKENS = 1536  # colintern.model.processing's default: 6 tiles of 256 tokens
 
 
 # ---------------------------------------------------------------------------------------------- model configs
@@ -67,6 +71,7 @@ def load_model_config(model):
     from transformers.models.internvl import InternVLConfig
 
     from colintern.model.embedded import resolve_embedded
+    from colintern.model.loading import AdapterInfo, is_adapter_dir
 
     if isinstance(model, InternVLConfig):
         return model
@@ -76,11 +81,8 @@ def load_model_config(model):
     except ValueError as error:
         raise ColinternError(str(error)) from error
     path = Path(resolved).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ColinternError(f"{path}/adapter_config.json names no base model (base_model_name_or_path).")
-        return load_model_config(base)
+    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():
+        return load_model_config(AdapterInfo.read(path).base_model)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ColinternError(f"'{name}' is a folder without config.json: point --model at a model checkpoint.")
@@ -122,48 +124,9 @@ def _config_from_hub(name: str):
 
 # ---------------------------------------------------------------------------------------------- architecture
 @dataclass(frozen=True)
-class TextDims:
-    """The language model's shape (Qwen3)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class VisionDims:
-    """The vision tower's shape (InternViT)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-    image_size: int
-    patch_size: int
-    use_qk_norm: bool
-    norm_type: str
-
-    @property
-    def tokens_per_tile(self) -> int:
-        """Sequence length in the vision tower: patches + the CLS token."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-@dataclass(frozen=True)
-class ArchitectureSummary:
-    """What the advisor and the memory model need to know about a ColIntern3.5 model, all from its config.
+class ArchitectureSummary(InternVLArchitecture):
+    """The architecture (`colintern.model.architecture.InternVLArchitecture`) with what the advisor and the memory
+    model add to it: exact parameter counts, the LoRA size at a rank and the page budget.
 
     Parameter counts are exact: the model is built on the meta device (no memory, no weights).
     `backbone_params` is the published InternVL model (with its LM head, as model cards count it);
@@ -171,9 +134,6 @@ class ArchitectureSummary:
     """
 
     source: str
-    text: TextDims
-    vision: VisionDims
-    embedding_dim: int
     backbone_params: int
     total_params: int
     vision_params: int
@@ -183,7 +143,6 @@ class ArchitectureSummary:
     lm_head_params: int
     lora_rank: int
     lora_params: int  # LoRA A/B matrices on the LM linears at `lora_rank`
-    image_seq_length: int  # image tokens per tile after pixel shuffle
     max_num_visual_tokens: int
     tiles_per_page: int  # at most, thumbnail included
     checkpoint_dtype: str | None = None
@@ -207,7 +166,7 @@ class ArchitectureSummary:
         return self.lora_params * rank // self.lora_rank
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = super().to_dict()
         data.update(
             image_tokens_per_page=self.image_tokens_per_page,
             page_tokens=self.page_tokens,
@@ -227,22 +186,6 @@ def count_lora_parameters(model, rank: int, target_regex: str = LM_LORA_TARGET_R
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and pattern.fullmatch(name)
     )
-
-
-def tiles_per_page(max_num_visual_tokens: int, image_seq_length: int) -> int:
-    """Most tiles a page can get under the token budget: the tiler's grid limit + the thumbnail (for grids > 1).
-
-    The processor's rule (`colintern.model.processing.max_tiles_for_budget`: a grid of n > 1 tiles costs n + 1 tiles),
-    restated so that the advisor runs where colpali-engine, which the processor needs, is not installed (the GPU
-    machines); tests/test_advisor.py checks that both agree.
-    """
-    budget = max_num_visual_tokens // image_seq_length
-    if budget < 1:
-        raise ColinternError(
-            f"max_num_visual_tokens={max_num_visual_tokens} is below one tile ({image_seq_length} tokens); "
-            f"use at least {image_seq_length}."
-        )
-    return budget if budget >= 3 else 1
 
 
 @lru_cache(maxsize=32)
@@ -288,34 +231,13 @@ def analyze_architecture(
     """
     config = load_model_config(model)
     counts = _parameter_counts(config.to_json_string(use_diff=False))
-    text_config, vision_config = config.text_config, config.vision_config
-    image_size = _first(vision_config.image_size)
-    image_seq_length = int(config.image_seq_length)
+    architecture = InternVLArchitecture.from_config(config, embedding_dim=counts["embedding_dim"])
     if max_num_visual_tokens is None:
-        max_num_visual_tokens = DEFAULT_MAX_NUM_VISUAL_TOKENS if image_size >= 448 else image_seq_length
+        large_tiles = architecture.vision.image_size >= 448
+        max_num_visual_tokens = DEFAULT_MAX_NUM_VISUAL_TOKENS if large_tiles else architecture.image_seq_length
     return ArchitectureSummary(
+        **{f.name: getattr(architecture, f.name) for f in fields(InternVLArchitecture)},
         source=str(model) if not hasattr(model, "to_dict") else getattr(model, "_name_or_path", "config"),
-        text=TextDims(
-            layers=text_config.num_hidden_layers,
-            hidden=text_config.hidden_size,
-            heads=text_config.num_attention_heads,
-            kv_heads=text_config.num_key_value_heads,
-            head_dim=getattr(text_config, "head_dim", None)
-            or text_config.hidden_size // text_config.num_attention_heads,
-            intermediate=text_config.intermediate_size,
-            vocab=text_config.vocab_size,
-        ),
-        vision=VisionDims(
-            layers=vision_config.num_hidden_layers,
-            hidden=vision_config.hidden_size,
-            heads=vision_config.num_attention_heads,
-            intermediate=vision_config.intermediate_size,
-            image_size=image_size,
-            patch_size=_first(vision_config.patch_size),
-            use_qk_norm=bool(vision_config.use_qk_norm),
-            norm_type=str(vision_config.norm_type),
-        ),
-        embedding_dim=counts["embedding_dim"],
         backbone_params=counts["backbone"],
         total_params=counts["total"],
         vision_params=counts["vision"],
@@ -325,15 +247,10 @@ def analyze_architecture(
         lm_head_params=counts["lm_head"],
         lora_rank=lora_rank,
         lora_params=counts["lora_per_rank"] * lora_rank,
-        image_seq_length=image_seq_length,
         max_num_visual_tokens=int(max_num_visual_tokens),
-        tiles_per_page=tiles_per_page(int(max_num_visual_tokens), image_seq_length),
+        tiles_per_page=tiles_per_page(int(max_num_visual_tokens), architecture.image_seq_length),
         checkpoint_dtype=str(getattr(config, "dtype", None) or "").replace("torch.", "") or None,
     )
-
-
-def _first(value) -> int:
-    return int(value[0] if isinstance(value, list | tuple) else value)
 
 
 # ---------------------------------------------------------------------------------------------- rules

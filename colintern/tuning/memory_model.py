@@ -179,10 +179,6 @@ class MemoryEstimate:
     def peak_gib(self) -> float:
         return self.peak_bytes / GIB
 
-    @property
-    def peak_parts(self) -> list[MemoryPart]:
-        return [part for part in self.parts if self.peak_phase in part.phases and part.bytes > 0]
-
     def part(self, name: str) -> MemoryPart:
         return next(part for part in self.parts if part.name == name)
 

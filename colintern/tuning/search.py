@@ -41,7 +41,7 @@ import yaml
 from transformers import TrainerCallback
 
 from colintern.training.arguments import ADVISOR_KEYS, RunConfig, apply_overrides
-from colintern.utils import ColinternError, atomic_write_json, atomic_write_text
+from colintern.utils import RUN_CONFIG_FILE, ColinternError, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -966,7 +966,7 @@ def best_params_record(study, settings: SearchSettings, base: RunConfig) -> dict
         best_trial=best.number,
         params=best.params,
         eval_metrics=best.user_attrs.get("eval_metrics", {}),
-        trial_config=str(Path(settings.output_dir) / "trials" / f"trial-{best.number:04d}" / "colintern_run.json"),
+        trial_config=str(Path(settings.output_dir) / "trials" / f"trial-{best.number:04d}" / RUN_CONFIG_FILE),
         train_command=f"python scripts/train.py {preset}--config-from {Path(settings.output_dir) / BEST_PARAMS_FILE}",
     )
     if len(study.directions) > 1:

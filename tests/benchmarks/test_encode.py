@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from colintern.benchmarks.encode import EncodeRun, benchmark_encode
-from colintern.benchmarks.full_size import InternVLSpec
+from colintern.benchmarks.full_size import tiny_config
 from scripts.benchmark import build_parser
 from scripts.benchmark import main as benchmark_main
 
@@ -27,15 +27,15 @@ def test_quick_encode_benchmark_writes_throughput_per_batch_size(tmp_path, tiny_
     assert result["best_pages_per_second"] == max(r["pages_per_second"] for r in result["pages"])
 
 
-def test_full_size_path_runs_on_a_scaled_down_spec():
-    spec = InternVLSpec.tiny()  # 56px tiles of 14px patches: 4 image tokens per tile
+def test_full_size_path_runs_on_a_scaled_down_config():
+    config = tiny_config()  # 56px tiles of 14px patches: 4 image tokens per tile
     plan = EncodeRun(
-        full_size=True, full_size_spec=spec, device="cpu", n_pages=3, n_queries=3, page_batch_sizes=(2,),
+        full_size=True, model_config=config, device="cpu", n_pages=3, n_queries=3, page_batch_sizes=(2,),
         query_batch_sizes=(3,), repeats=1, reference=False, page_size=(112, 150), peak_tflops=1.0,
     )
     figures = benchmark_encode(plan)
     assert figures["model"]["architecture"].startswith("scaled-down")
-    assert figures["model"]["spec"]["tokens_per_tile"] == 4
+    assert figures["model"]["spec"]["image_seq_length"] == 4
     assert figures["tiles_per_page"] > 1 and figures["dtype"] == "float32" and figures["attn_implementation"] == "sdpa"
     page_row = figures["pages"][0]
     assert page_row["pages_per_second"] > 0 and page_row["mfu"] > 0 and page_row["mfu_end_to_end"] > 0
@@ -50,11 +50,16 @@ def test_full_size_path_runs_on_a_scaled_down_spec():
 def test_full_size_uses_the_shipped_internvl3_5_1b_config_and_its_numbers():
     from transformers.models.internvl import InternVLModel
 
-    from colintern.benchmarks.full_size import full_size_config, spec_from_config
+    from colintern.benchmarks.full_size import full_size_config
+    from colintern.model.architecture import InternVLArchitecture
 
     config = full_size_config()
-    assert spec_from_config(config) == InternVLSpec()  # the FLOP formula's numbers are the shipped config's
-    assert InternVLSpec().tokens_per_tile == 256 and InternVLSpec().patches_per_tile == 1024
+    architecture = InternVLArchitecture.from_config(config)  # the FLOP formula's numbers are the shipped config's
+    assert architecture.image_seq_length == 256 and architecture.vision.patches_per_tile == 1024
+    vision = architecture.vision
+    assert (vision.layers, vision.hidden, vision.intermediate) == (24, 1024, 4096)
+    assert (architecture.text.layers, architecture.text.hidden, architecture.text.q_dim, architecture.text.kv_dim,
+            architecture.text.intermediate, architecture.text.vocab) == (28, 1024, 2048, 1024, 3072, 151_936)
     with torch.device("meta"):
         model = InternVLModel(config)
     n_params = sum(p.numel() for p in model.parameters())

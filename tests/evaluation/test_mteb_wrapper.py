@@ -69,21 +69,14 @@ def wrapper(tiny_adapter_dir):
 
 
 def test_model_meta_matches_the_internvl3_5_1b_architecture():
-    from transformers import Qwen3Config
-    from transformers.models.internvl import InternVLConfig, InternVLVisionConfig
+    from transformers.models.internvl import InternVLConfig
 
     from colintern.model.modeling import ColIntern3_5
+    from colintern.utils import ARCHITECTURES_DIR
 
-    vision = InternVLVisionConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448,
-        patch_size=14, norm_type="layer_norm",
-    )  # fmt: skip
-    text = Qwen3Config(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=False,
-    )  # fmt: skip
+    config = InternVLConfig.from_pretrained(ARCHITECTURES_DIR / "InternVL3_5-1B")  # the shipped config, as it is
     with torch.device("meta"):
-        model = ColIntern3_5(InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5))
+        model = ColIntern3_5(config)
     n_parameters = sum(p.numel() for p in model.parameters())
     assert n_parameters == COLINTERN3_5_1B_PARAMETERS == colintern3_5_1b.n_parameters
     assert model.get_input_embeddings().weight.numel() == COLINTERN3_5_1B_EMBEDDING_PARAMETERS

@@ -88,3 +88,28 @@ def test_unknown_hub_id_offline_gives_a_clear_error(colintern_home):
 def test_missing_local_folder_gives_a_clear_error():
     with pytest.raises(ColinternError, match="no such folder"):
         load_model("./no/such/checkpoint", device="cpu")
+
+
+def test_adapter_folders_are_read_by_peft(tiny_adapter_dir, tmp_path):
+    import json
+
+    from peft import LoraConfig
+    from peft.utils import CONFIG_NAME
+
+    from colintern.model.loading import AdapterInfo, is_adapter_dir
+    from colintern.utils import ADAPTER_CONFIG_FILE
+
+    assert ADAPTER_CONFIG_FILE == CONFIG_NAME and is_adapter_dir(tiny_adapter_dir)
+    info = AdapterInfo.read(tiny_adapter_dir)
+    assert isinstance(info.config, LoraConfig) and info.config.r == 4
+    assert info.base_model == info.config.base_model_name_or_path
+    no_base = tmp_path / "no-base"
+    shutil.copytree(tiny_adapter_dir, no_base)
+    config = json.loads((no_base / CONFIG_NAME).read_text())
+    config["base_model_name_or_path"] = None
+    (no_base / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ColinternError, match="names no base model"):
+        AdapterInfo.read(no_base)
+    (no_base / CONFIG_NAME).write_text("{ truncated")
+    with pytest.raises(ColinternError, match="adapter_config.json is unreadable"):
+        AdapterInfo.read(no_base)

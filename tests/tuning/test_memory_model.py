@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from colintern.tuning.advisor import LM_LORA_TARGET_REGEX, TextDims, VisionDims, analyze_architecture
+from colintern.model.architecture import TextDims, VisionDims
+from colintern.tuning.advisor import LM_LORA_TARGET_REGEX, analyze_architecture
 from colintern.tuning.memory_model import (
     HEADROOM,
     TrainingMemorySetup,

@@ -1,0 +1,142 @@
+"""mteb result files, read one way for the whole package: `colintern.evaluation` (the scores of a run it just made)
+and `colintern.reports` (comparisons, the leaderboard) both use this module.
+
+mteb writes one `TaskResult` JSON per task, `{cache}/results/{model}/{revision}/{Task}.json`, with
+`scores[split] = [{"hf_subset": ..., "ndcg_at_5": ..., "main_score": ..., ...}, ...]` (values in [0, 1]).
+`read_task_result` loads one with mteb's own `TaskResult.from_disk`; `task_scores` flattens it to one value per
+metric, averaged over the task's subsets (languages) by mteb's `TaskResult.get_score`.
+
+Plumbing: imports nothing of colintern but `colintern.utils`, and mteb only inside the functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from colintern.utils import ColinternError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mteb import TaskResult
+
+# Benchmarks whose tasks are grouped (and averaged) together, in display order. ViDoRe(v1)/(v2) rank by NDCG@5,
+# ViDoRe(v3) by NDCG@10 (mteb's main scores).
+KNOWN_BENCHMARKS: tuple[str, ...] = ("ViDoRe(v1)", "ViDoRe(v2)", "ViDoRe(v3)")
+
+
+@dataclass
+class TaskScores:
+    """One model's scores on one task: metric name -> value in [0, 1], averaged over the task's subsets.
+
+    `computed`, `pages_per_s` and `queries_per_s` are set by `colintern.evaluation.evaluate` for the tasks it
+    evaluated in that run (the others came from earlier result files).
+    """
+
+    task: str
+    scores: dict[str, float]
+    main_metric: str | None = None
+    split: str | None = None
+    mteb_version: str | None = None
+    dataset_revision: str | None = None
+    source: str | None = None  # the file it was read from, or the reference's source path
+    evaluation_time_s: float | None = None
+    computed: bool = False
+    pages_per_s: float | None = None
+    queries_per_s: float | None = None
+
+    @property
+    def main_score(self) -> float:
+        return self.scores.get("main_score", math.nan)
+
+    def get(self, metric: str) -> float | None:
+        """The value of `metric` ("main_score": the task's main metric), None when missing or not finite."""
+        if metric == "main_score":
+            metric = self.main_metric or "main_score"
+        value = self.scores.get(metric)
+        return value if value is not None and math.isfinite(value) else None
+
+    def as_dict(self) -> dict:
+        """{"task", "split", "ndcg_at_5", ..., "main_score", "main_metric", "pages_per_s", "queries_per_s"}."""
+        return {
+            "task": self.task,
+            "split": self.split,
+            **self.scores,
+            "main_score": self.main_score,
+            "main_metric": self.main_metric,
+            "pages_per_s": self.pages_per_s,
+            "queries_per_s": self.queries_per_s,
+        }
+
+
+def read_task_result(path: str | Path) -> TaskResult:
+    """Load one result file with mteb's own reader; a broken file is an error that names it."""
+    from mteb import TaskResult
+
+    try:
+        return TaskResult.from_disk(Path(path))
+    except Exception as error:  # noqa: BLE001 - pydantic/JSON errors: say which file
+        raise ColinternError(
+            f"{path} is not a readable mteb result file ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Re-run the evaluation for that task (scripts/evaluate.py --overwrite) or remove the file."
+        ) from error
+
+
+def task_scores(
+    result: TaskResult, split: str | None = None, source: str | Path | None = None, main_metric: str | None = None
+) -> TaskScores:
+    """Flatten an mteb `TaskResult` to per-metric values, averaged over subsets as `TaskResult.get_score` does.
+
+    Args:
+        split: the split to read; None: "test" when present (the ViDoRe evaluation split), else every split.
+        main_metric: the task's main metric; None: looked up in mteb's registry (`task_main_metric`).
+
+    Raises:
+        KeyError when the result has no scores for `split`.
+    """
+    if split is not None and split not in result.scores:
+        raise KeyError(f"{result.task_name} has no results for the {split} split (has: {', '.join(result.scores)})")
+    splits = [split] if split is not None else ["test"] if "test" in result.scores else list(result.scores)
+    entries = [entry for name in splits for entry in result.scores[name]]
+    metrics = {
+        key
+        for key, value in (entries[0].items() if entries else ())
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    metrics = {key for key in metrics if all(isinstance(entry.get(key), int | float) for entry in entries)}
+    scores = {}
+    for key in sorted(metrics):
+        value = float(result.get_score(splits=splits, getter=lambda s, k=key: s[k]))
+        if math.isfinite(value):
+            scores[key] = value
+    return TaskScores(
+        task=result.task_name,
+        scores=scores,
+        main_metric=main_metric or task_main_metric(result.task_name),
+        split=",".join(splits),
+        mteb_version=result.mteb_version,
+        dataset_revision=result.dataset_revision,
+        source=None if source is None else str(source),
+        evaluation_time_s=result.evaluation_time,
+    )
+
+
+@functools.cache
+def task_main_metric(task_name: str) -> str | None:
+    """The task's main score name from mteb's registry; None for a task mteb does not know (e.g. a local one)."""
+    import mteb
+
+    try:
+        return mteb.get_task(task_name).metadata.main_score
+    except Exception:  # noqa: BLE001 - unknown or local task: its file's main_score stands
+        return None
+
+
+@functools.cache
+def benchmark_tasks(name: str) -> tuple[str, ...]:
+    """The task names of an mteb benchmark, in mteb's order (no data is downloaded)."""
+    import mteb
+
+    return tuple(task.metadata.name for task in mteb.get_benchmark(name).tasks)
