@@ -114,13 +114,12 @@ def test_mixture_respects_max_samples_and_weights(tmp_path):
 def test_quick_test_config_trains_end_to_end(colintern_home, tmp_path):
     import argparse
 
-    from colintern.training.arguments import REPO_ROOT as ROOT
     from colintern.training.arguments import add_config_arguments, config_from_args
     from colintern.training.trainer import train
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--config", str(ROOT / "experiments/configs/demo_test.yaml"), "--output-dir",
+    args = parser.parse_args(["--config", str(REPO_ROOT / "experiments/configs/demo_test.yaml"), "--output-dir",
                               str(tmp_path / "quick"), "--max-steps", "4", "--eval-steps", "4", "--num-workers", "0",
                               "--batch-size", "8"])
     config = config_from_args(args)
