@@ -19,6 +19,7 @@ that fails there is reported with its row number.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -348,20 +349,25 @@ def check_pages(
     `<cache_dir>/page-checks/` under a key of the dataset's fingerprint and the path, size and modification time of
     each of its arrow files, so a second run or `--resume` on the same data reads it back instead of checking again
     (concurrent ranks wait for the first one's result)."""
-    if not cache:
-        return _run_page_checks(dataset, image_column, num_workers, desc)
     path = page_checks_dir() / f"{_page_checks_key(dataset, image_column)}.json"
-    with file_lock(path.with_suffix(".lock")):
-        stored = _read_page_checks(path, len(dataset))
+    with contextlib.ExitStack() as stack:
+        if cache:
+            try:
+                stack.enter_context(file_lock(path.with_suffix(".lock")))
+            except OSError as error:  # e.g. a read-only home: check without a cache
+                logger.warning("Page checks are not cached (%s: %s)", path.parent, error)
+                cache = False
+        stored = _read_page_checks(path, len(dataset)) if cache else None
         if stored is not None:
             logger.info("Page checks of %d rows read from %s", len(dataset), path)
             return stored
         checks = _run_page_checks(dataset, image_column, num_workers, desc)
-        atomic_write_json(path, {
-            "version": PAGE_CHECKS_VERSION, "rows": len(dataset), "seconds": round(checks.seconds, 3),
-            "widths": [w for w, _ in checks.sizes], "heights": [h for _, h in checks.sizes],
-            "problems": [[row, problem] for row, problem in sorted(checks.problems.items())],
-        })
+        if cache:
+            atomic_write_json(path, {
+                "version": PAGE_CHECKS_VERSION, "rows": len(dataset), "seconds": round(checks.seconds, 3),
+                "widths": [w for w, _ in checks.sizes], "heights": [h for _, h in checks.sizes],
+                "problems": [[row, problem] for row, problem in sorted(checks.problems.items())],
+            })
     return checks
 
 

@@ -330,10 +330,11 @@ def test_page_checks_are_cached_on_the_data_files(tmp_path, caplog):
     assert not first.cached and second.cached
     assert (second.sizes, second.problems) == (first.sizes, first.problems) and list(second.problems) == [3]
     # prepare_split (what a run calls) reads the cached result, and reports the bad row as before
-    kwargs = dict(query_column="query", image_column="image", split="train", negatives_column=None, validate=True)
-    with caplog.at_level(logging.INFO, logger="colintern.data.pairs"):
-        with pytest.raises(ColinternError, match="row 3: unreadable image"):
-            prepare_split(load_pairs(str(folder), "train"), skip_bad_rows=False, **kwargs)
+    kwargs = {"query_column": "query", "image_column": "image", "split": "train", "negatives_column": None,
+              "validate": True}
+    with caplog.at_level(logging.INFO, logger="colintern.data.pairs"), pytest.raises(ColinternError,
+                                                                                      match="row 3: unreadable image"):
+        prepare_split(load_pairs(str(folder), "train"), skip_bad_rows=False, **kwargs)
     assert "Page checks of 8 rows read from" in caplog.text
     # other data in the same place is checked afresh
     write_pairs(folder, [{"query": f"q{i}", "image": {"bytes": png(), "path": None}} for i in range(8)])
@@ -354,3 +355,12 @@ def test_collator_reports_or_skips_a_page_only_decoding_finds(tiny_retriever):
         RetrievalCollator(processor)(rows)
     batch = RetrievalCollator(processor, skip_bad_rows=True)(rows)
     assert batch["query_input_ids"].shape[0] == 2 and batch["doc_pixel_values"].shape[0] == 2
+
+
+def test_page_checks_run_without_a_writable_cache(tmp_path, monkeypatch):
+    from colintern.data.pairs import check_pages
+
+    (tmp_path / "home").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("COLINTERN_HOME", str(tmp_path / "home"))
+    checks = check_pages(pages_dataset([png(), b"broken"]), "image")
+    assert not checks.cached and list(checks.problems) == [1]
