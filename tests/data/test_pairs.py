@@ -364,3 +364,19 @@ def test_page_checks_run_without_a_writable_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("COLINTERN_HOME", str(tmp_path / "home"))
     checks = check_pages(pages_dataset([png(), b"broken"]), "image")
     assert not checks.cached and list(checks.problems) == [1]
+
+
+def test_a_run_on_a_hub_snapshot_trains_on_train_and_evaluates_on_test(tmp_path, tiny_retriever):
+    from colintern.data.pairs import build_datasets
+    from colintern.training.arguments import RunConfig
+
+    snapshot = hub_snapshot(tmp_path / "colpali_train_set", 10, 4)
+    config = RunConfig.from_dict({
+        "model": {"name_or_path": "embedded:tiny-internvl3_5", "max_num_visual_tokens": 16},
+        "data": {"dataset": str(snapshot), "eval_split": "test"},
+        "training": {"output_dir": str(tmp_path / "run")},
+    })  # fmt: skip
+    data = build_datasets(config, tiny_retriever[1], report_dir=tmp_path)
+    assert len(data.train_dataset) == 10 and len(data.eval_dataset) == 4
+    assert all(q.startswith("train ") for q in data.train_dataset["query"])
+    assert all(q.startswith("test ") for q in data.eval_dataset["query"])
