@@ -26,6 +26,7 @@ SUBBENCHMARKS: dict[str, str] = {
     "memory": "colintern.benchmarks.memory",
     "render": "colintern.benchmarks.render",
     "train-step": "colintern.benchmarks.train_step",
+    "page-checks": "colintern.benchmarks.page_checks",
 }
 
 RESULTS_DIR = Path("results") / "benchmarks"  # relative to the working directory (the checkout's root in the docs)
