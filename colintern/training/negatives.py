@@ -281,8 +281,22 @@ def split_folder(dataset: str, split: str) -> Path | None:
             files = [p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES]
             stems = {p.stem for p in files}
             if files and all(p.suffix == ".parquet" for p in files) and not {"corpus", "queries", "qrels"} <= stems:
+                _refuse_shared_folder(folder, split)
                 return folder
     return None
+
+
+def _refuse_shared_folder(folder: Path, split: str) -> None:
+    """Rewriting a folder in place replaces all its data files: refuse one that also holds other splits' files (a Hub
+    snapshot's `data/` with `train-*` and `test-*`), which the rewrite would delete."""
+    from datasets.data_files import get_data_patterns
+
+    splits = sorted(str(name) for name in get_data_patterns(str(folder)))
+    if splits != [split] and len(splits) > 1:
+        raise ColinternError(
+            f"{folder} holds the files of several splits ({', '.join(splits)}); rewriting split '{split}' in place "
+            f"would replace them all. Pass --output-dir to write the split with its negatives elsewhere."
+        )
 
 
 def write_parquet_shards(

@@ -191,6 +191,23 @@ def test_an_output_folder_holding_the_dataset_is_refused_and_left_as_it_was(prep
         assert tree_hashes(out) == before
 
 
+def test_in_place_mining_refuses_a_folder_that_also_holds_another_split(prepared, tmp_path, capsys):
+    # a Hub snapshot's data/ holds train-* and test-*: rewriting "train" in place would have deleted the test files
+    from tests.pdf_fixtures import tree_hashes
+
+    data = tmp_path / "snapshot" / "data"
+    data.mkdir(parents=True)
+    rows = load_pairs(str(prepared.out / "train"), "train")
+    rows.select(range(4)).to_parquet(str(data / "train-00000-of-00001.parquet"))
+    rows.select(range(4, 6)).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    before = tree_hashes(data)
+    code = run_script_in_process("scripts/mine_hard_negatives.py", "--model-path", "embedded:tiny-internvl3_5",
+                                 "--dataset", str(data), "--split", "train")
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "several splits (test, train)" in line and "--output-dir" in line
+    assert tree_hashes(data) == before
+
+
 def test_a_non_empty_output_folder_needs_overwrite_which_keeps_other_files(prepared, colintern_home, tmp_path):
     target = tmp_path / "neg"
     target.mkdir()
