@@ -156,6 +156,8 @@ class ColIntern3_5(InternVLModel):  # noqa: N801 - the model family's published 
             )
             .last_hidden_state
         )  # (batch, seq, hidden)
+        # a trained head keeps float32 master weights over a 16-bit backbone; autocast (if on) picks the compute dtype
+        hidden = hidden.to(self.custom_text_proj.weight.dtype)
         proj = F.normalize(self.custom_text_proj(hidden), p=2, dim=-1, eps=1e-12)  # (batch, seq, dim)
         keep = attention_mask.to(proj.dtype)
         if pixel_values is not None and self.mask_non_image_embeddings:

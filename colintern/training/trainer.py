@@ -297,7 +297,25 @@ def build_model(config: RunConfig, device: str | torch.device | None = None):
         if config.training.train_vision:
             for part in vision_parts:
                 getattr(model, part).requires_grad_(True)
+    upcast_trainable_parameters(model)
     return model, processor
+
+
+def upcast_trainable_parameters(model) -> int:
+    """Keep float32 master weights for everything that trains, whatever dtype the model was loaded in.
+
+    peft already upcasts LoRA weights, but `modules_to_save` copies (the head, the vision parts with --train-vision)
+    and fully fine-tuned weights stay in the load dtype: in bf16, an AdamW update of ~lr is below half a bf16 ulp of
+    most weights (8 mantissa bits), so one step on the tiny model changed 56% of the head's weights at lr 5e-5 and 1%
+    at 5e-7 (100% in float32). The compute stays 16-bit under bf16 autocast (TrainingArguments.bf16); frozen weights
+    keep the load dtype. Checkpoints save the float32 masters (exact resume; loading casts to the load dtype).
+    Returns how many tensors were cast."""
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.to(torch.float32)
+            cast += 1
+    return cast
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:
@@ -447,7 +465,12 @@ class PreparedRun:
 def recipe_arguments(config: RunConfig) -> dict:
     """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging)."""
     training = config.training
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    bf16 = _bf16(config)
     return dict(
+        # --bf16 true without a bf16 accelerator: CPU autocast (transformers refuses bf16 there unless told use_cpu)
+        use_cpu=bf16 and not is_torch_bf16_gpu_available(),
         output_dir=str(training.output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
@@ -458,7 +481,7 @@ def recipe_arguments(config: RunConfig) -> dict:
         warmup_steps=training.warmup_steps,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
-        bf16=_bf16(config),
+        bf16=bf16,
         logging_steps=training.logging_steps,
         seed=training.seed,
     )
