@@ -234,6 +234,26 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+class NoEvaluationInShortRuns(TrainerCallback):
+    """transformers evaluates at the last step of every run with step-based evaluation. A run shorter than one
+    --eval-steps interval (a --max-steps smoke run) skips that evaluation, which can take longer than the run."""
+
+    def __init__(self):
+        self.skip = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skip = args.eval_strategy == "steps" and 0 < state.max_steps < state.eval_steps
+        if self.skip:
+            logger.info("No evaluation in this run: it ends at step %d, before the first evaluation at step %s "
+                        "(--eval-steps; set it to %d to evaluate at the end).", state.max_steps, state.eval_steps,
+                        state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.skip:  # runs after transformers' DefaultFlowCallback, which asked for the final evaluation
+            control.should_evaluate = False
+        return control
+
+
 class WallClockLog(TrainerCallback):
     """Adds throughput (samples/s) to the logs."""
 
@@ -555,7 +575,8 @@ def build_trainer(
     optimizer = build_optimizer(model, config)
     stop = GracefulStop()
     all_callbacks: list[TrainerCallback] = [
-        stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size))
+        stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size)),
+        NoEvaluationInShortRuns(),
     ]
     if training.early_stopping_patience and eval_enabled:
         from transformers import EarlyStoppingCallback

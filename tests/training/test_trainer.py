@@ -289,6 +289,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home
     assert "nan" in kinds
 
 
+class CountEvaluations(TrainerCallback):
+    def __init__(self):
+        self.at_steps: list[int] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.at_steps.append(state.global_step)
+
+
+def test_a_smoke_run_skips_evaluation_and_evaluate_names_the_unfinished_warm_up(
+    colintern_home, small_synthdocs_dir, tmp_path
+):
+    from colintern.model.checkpoints import check_trained_head, describe_checkpoint
+    from colintern.model.loading import load_retriever
+
+    # transformers adds a final evaluation to any run with step-based evaluation; one shorter than --eval-steps skips it
+    smoke, evaluations = small_run(tmp_path, small_synthdocs_dir, name="smoke", max_steps=1, warmup_steps=10,
+                                   eval_steps=100, retrieval_eval=True), CountEvaluations()
+    out = train(smoke, callbacks=[evaluations]).output_dir
+    assert evaluations.at_steps == []
+    # a longer run keeps its scheduled evaluation and the one at its end
+    longer = CountEvaluations()
+    train(small_run(tmp_path, small_synthdocs_dir, name="longer", max_steps=3, eval_steps=2, save_steps=100),
+          callbacks=[longer])
+    assert longer.at_steps == [2, 3]
+
+    # the head never moved (lr 0 at the first warm-up step): evaluate.py says why, and what to do
+    done = run_script("scripts/evaluate.py", "--model-path", str(out), "--benchmarks", str(small_synthdocs_dir / "test"),
+                      "--output-dir", str(tmp_path / "eval"), "--max-num-visual-tokens", "16")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert re.search(r"the run ended before its warm-up finished \(1 step, warm-up 10\).*--max-steps above 10.*"
+                     r"--allow-untrained-head", done.stderr), done.stderr[-2000:]
+    checkpoint = out / "checkpoint-1"
+    model, _ = load_retriever(str(checkpoint), device="cpu")
+    with pytest.raises(ColinternError, match=r"saved before the run's warm-up finished \(1 step, warm-up 10\)"):
+        check_trained_head(model, describe_checkpoint(str(checkpoint)))
+    check_trained_head(model, describe_checkpoint(str(checkpoint)), allow_untrained_head=True)
+
+
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
     with pytest.raises(ColinternError, match="no checkpoint"):
         train(small_run(tmp_path, small_synthdocs_dir, name="fresh", resume="latest"))
