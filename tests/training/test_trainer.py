@@ -236,7 +236,8 @@ def test_the_trained_in_memory_model_matches_the_saved_adapter(colintern_home, s
 
     result = train(small_run(tmp_path, small_synthdocs_dir, max_steps=2), callbacks=[Capture()])
     pages = [Image.new("RGB", (128, 176), "navy")]
-    in_memory = encode_pages(captured["model"], captured["processor"], pages, storage_dtype=torch.float32)
+    # eval mode (LoRA dropout off): a run without a final evaluation ends with the model in train mode
+    in_memory = encode_pages(captured["model"].eval(), captured["processor"], pages, storage_dtype=torch.float32)
     reloaded, processor = load_retriever(str(result.output_dir), device="cpu")
     torch.testing.assert_close(in_memory[0], encode_pages(reloaded, processor, pages, storage_dtype=torch.float32)[0],
                                rtol=1e-5, atol=1e-6)
