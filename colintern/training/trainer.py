@@ -5,6 +5,8 @@ What this adds to a plain Trainer:
     through peft's `modules_to_save`, so the head is saved inside the adapter (a checkpoint evaluated in a fresh
     process gives exactly the trained model's embeddings; upstream, a LoRA-on-a-random-head adapter evaluates as
     garbage).
+  * float32 master weights for whatever trains, whatever the load dtype (bf16 weights cannot take small AdamW
+    steps), with bf16 autocast doing the compute.
   * In-batch negatives gathered from every DDP rank (differentiably), hard negatives when the data has them.
   * Page embeddings compacted to their image tokens before the loss, padded by repeating a real token (which never
     changes a max), so padding can never win MaxSim even when every real similarity is negative.
