@@ -675,4 +675,5 @@ __all__ = [
     "parameter_groups",
     "train",
     "trainable_parameter_names",
+    "upcast_trainable_parameters",
 ]
