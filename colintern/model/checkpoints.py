@@ -50,6 +50,11 @@ UNTRAINED_HEAD_HELP = (
     "chance-level baseline."
 )
 
+WARMUP_HELP = (
+    "Train longer than the warm-up (scripts/train.py --max-steps above {warmup}, or a smaller --warmup-steps), or "
+    "pass --allow-untrained-head (allow_untrained_head=True) to evaluate it anyway."
+)
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -203,32 +208,71 @@ def head_weights_saved(folder: Path, adapter: bool) -> bool | None:
     return {"weight", "bias"} <= found
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def stopped_in_warmup(info: CheckpointInfo) -> tuple[int, int] | None:
+    """(optimizer steps taken, warm-up steps) when the training run that saved `info` stopped before its warm-up
+    finished, read from the run record (trainer_state.json, and colintern_run.json beside it or, for a checkpoint-N
+    folder, in the run folder above); None when it did not or the record is absent."""
+    if info.path is None:
+        return None
+    state = _read_json(info.path / "trainer_state.json")
+    run = info.run_config or _read_json(info.path.parent / RUN_CONFIG_FILE)
+    try:
+        steps, warmup = int(state["global_step"]), int(run["training"]["warmup_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (steps, warmup) if steps <= warmup else None
+
+
 def untrained_head_problem(model, info: CheckpointInfo) -> str | None:
     """Why the projection head of `info` is untrained, or None when it is trained (or cannot be told yet).
 
     With `model=None` only the saved files are inspected (no loading needed); with the loaded model, its head is
     also compared with the documented deterministic initialisation (`ColIntern3_5.head_is_untrained`).
     """
+    diagnosis = _diagnose_head(model, info)
+    return None if diagnosis is None else diagnosis[0]
+
+
+def _diagnose_head(model, info: CheckpointInfo) -> tuple[str, str] | None:
+    """(why the head is untrained, what to do), or None when it is trained (or cannot be told yet)."""
     saved = info.head_in_weights
     if info.kind == "adapter" and saved is False:
         return (
             f"the adapter {info.path} has no custom_text_proj weights in its adapter file, so the projection head "
             "would be the untrained initialisation (the adapter was saved without "
             "modules_to_save=['custom_text_proj'])"
-        )
+        ), UNTRAINED_HEAD_HELP
     if info.kind != "adapter" and saved is False:
-        return f"{info.source} has no custom_text_proj weights: it is a base model, not a trained retriever"
+        problem = f"{info.source} has no custom_text_proj weights: it is a base model, not a trained retriever"
+        return problem, UNTRAINED_HEAD_HELP
     if model is None or not model.head_is_untrained():
         return None
+    warmup = stopped_in_warmup(info)
+    if warmup is not None:
+        steps, warmup_steps = warmup
+        mid_run = re.fullmatch(r"checkpoint-\d+", info.path.name)
+        ended = "this checkpoint was saved before the run's" if mid_run else "the run ended before its"
+        return (
+            f"{ended} warm-up finished ({steps} step{'s' if steps != 1 else ''}, warm-up "
+            f"{warmup_steps}): the learning rate rises from 0 during warm-up, so the projection head "
+            "(custom_text_proj) has not moved from its initialisation"
+        ), WARMUP_HELP.format(warmup=warmup_steps)
     if info.kind == "adapter":
         return (
             f"the custom_text_proj weights saved in the adapter {info.path} are still the deterministic "
             f"initialisation (head_init_seed={model.config.head_init_seed}): the head was never trained"
-        )
+        ), UNTRAINED_HEAD_HELP
     return (
         f"the projection head (custom_text_proj) of {info.source} equals the deterministic initialisation "
         f"(head_init_seed={model.config.head_init_seed}): it is a base model, not a trained retriever"
-    )
+    ), UNTRAINED_HEAD_HELP
 
 
 def check_trained_head(model, info: CheckpointInfo, allow_untrained_head: bool = False) -> None:
@@ -236,14 +280,15 @@ def check_trained_head(model, info: CheckpointInfo, allow_untrained_head: bool =
 
     Call it with `model=None` before loading (refuses at once what the files show) and again with the model.
     """
-    problem = untrained_head_problem(model, info)
-    if problem is None:
+    diagnosis = _diagnose_head(model, info)
+    if diagnosis is None:
         return
+    problem, help_text = diagnosis
     if allow_untrained_head:
         if model is not None:  # warn once, after loading
             logger.warning("Evaluating an untrained projection head on purpose: %s.", problem)
         return
-    raise ColinternError(f"Refusing to evaluate: {problem}. Its scores would be meaningless. {UNTRAINED_HEAD_HELP}")
+    raise ColinternError(f"Refusing to evaluate: {problem}. Its scores would be meaningless. {help_text}")
 
 
 # ---------------------------------------------------------------------------------------------------- training data

@@ -69,10 +69,11 @@ class ColIntern3_5(InternVLModel):  # noqa: N801 - the model family's published 
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading every checkpoint layout in `CHECKPOINT_KEY_MAPPING`."""
         kwargs.setdefault("key_mapping", dict(CHECKPOINT_KEY_MAPPING))
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
         if model.head_is_untrained():  # expected for a base model (e.g. under an adapter); evaluation checks it
             logger.debug("custom_text_proj is in its initial state (seed %d).", model.config.head_init_seed)
-        return model
+        return loaded
 
     # ------------------------------------------------------------------ head initialisation
     @torch.no_grad()
@@ -157,6 +158,8 @@ class ColIntern3_5(InternVLModel):  # noqa: N801 - the model family's published 
             )
             .last_hidden_state
         )  # (batch, seq, hidden)
+        # a trained head keeps float32 master weights over a 16-bit backbone; autocast (if on) picks the compute dtype
+        hidden = hidden.to(self.custom_text_proj.weight.dtype)
         proj = F.normalize(self.custom_text_proj(hidden), p=2, dim=-1, eps=1e-12)  # (batch, seq, dim)
         keep = attention_mask.to(proj.dtype)
         if pixel_values is not None and self.mask_non_image_embeddings:

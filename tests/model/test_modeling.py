@@ -70,6 +70,18 @@ def test_head_initialisation_is_deterministic_and_documented(tiny_model_dir):
     assert not a.head_is_untrained()
 
 
+def test_output_loading_info_returns_model_and_info_like_transformers(tiny_model_dir, tmp_path):
+    model, info = ColIntern3_5.from_pretrained(str(tiny_model_dir), output_loading_info=True)
+    assert isinstance(model, ColIntern3_5) and model.head_is_untrained()
+    assert {"custom_text_proj.weight", "custom_text_proj.bias"} <= set(info["missing_keys"])  # a base model
+    with torch.no_grad():
+        model.custom_text_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path)
+    trained, info = ColIntern3_5.from_pretrained(tmp_path, output_loading_info=True)
+    assert not trained.head_is_untrained() and not info["missing_keys"]
+    torch.testing.assert_close(trained.custom_text_proj.weight, model.custom_text_proj.weight)
+
+
 def test_frozen_vision_tower_builds_no_graph(tiny_retriever):
     model, processor = tiny_retriever
     batch = processor.process_images(pages(2))

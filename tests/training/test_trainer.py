@@ -1,6 +1,7 @@
 """Training on the tiny real model and a small real SynthDocs folder (in-process where possible, for speed)."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from colintern.training.arguments import RunConfig
 from colintern.training.trainer import (
     NonFiniteLossError,
     build_model,
+    build_optimizer,
     compact_multivectors,
     parameter_groups,
     train,
@@ -86,6 +88,96 @@ def test_full_finetuning_with_and_without_the_vision_tower(colintern_home, small
     assert lrs == {"lora_or_language_model": 2e-3, "head": 2e-3, "vision": 1e-4}
 
 
+class HeadSteps(TrainerCallback):
+    """Per optimizer step: the learning rate, and the trained head's weight before, its gradient, and after."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    @staticmethod
+    def _head(model):
+        return next(p for n, p in model.named_parameters() if "custom_text_proj" in n and n.endswith("weight")
+                    and p.requires_grad)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        head = self._head(model)
+        self.steps.append({"lr": lr_scheduler.get_last_lr()[0], "before": head.detach().clone(),
+                           "grad": head.grad.detach().clone()})
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps[-1]["after"] = self._head(model).detach().clone()
+
+
+def _moved_fraction(step: dict) -> float:
+    """Of the head weights with a gradient, the fraction this optimizer step changed."""
+    has_gradient = step["grad"] != 0
+    # bf16 compute gives a handful of exactly-zero gradients (13 of 16,384 on this CPU): nothing can move those
+    assert has_gradient.float().mean() > 0.99
+    return float((step["after"] != step["before"])[has_gradient].float().mean())
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_trained_weights_stay_float32_under_a_bf16_load_and_every_head_weight_moves(
+    colintern_home, small_synthdocs_dir, tmp_path, peft
+):
+    """bf16 weights cannot take a small AdamW step (before the fix one step at lr 5e-5 changed 56% of the head's
+    weights, 1% at 5e-7): whatever trains keeps float32 master weights, compute is bf16 autocast."""
+    from PIL import Image
+
+    from colintern.model.encoding import encode_pages
+
+    config = small_run(tmp_path, small_synthdocs_dir, max_steps=2, warmup_steps=0, lr=5e-5, save_steps=100,
+                       eval_steps=2, bf16="true")
+    config.model.dtype = "bfloat16"
+    config.lora.enabled = peft
+    config.training.train_vision = not peft
+    model, processor = build_model(config)
+    optimizer = build_optimizer(model, config)
+    assert {p.dtype for group in optimizer.param_groups for p in group["params"]} == {torch.float32}
+    # the mixed model runs without autocast too (--dtype bfloat16 --bf16 false; encoding outside the Trainer)
+    assert torch.isfinite(encode_pages(model, processor, [Image.new("RGB", (128, 176), "navy")])[0]).all()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("custom_text_proj" in n for n in trained)
+    assert any(("lora_" if peft else "vision_tower") in n for n in trained)
+    frozen = {p.dtype for n, p in model.named_parameters() if n not in trained}  # none left in full + vision
+    assert frozen == ({torch.bfloat16} if peft else set()), "frozen weights keep the load dtype"
+    del model, optimizer
+
+    steps = HeadSteps()
+    result = train(config, callbacks=[steps])
+    first = steps.steps[0]
+    assert first["lr"] == pytest.approx(5e-5) and first["before"].dtype == torch.float32
+    # AdamW's first step moves every weight with a gradient by ~lr (about 2,000 float32 ulps of a 0.02 weight)
+    assert _moved_fraction(first) == 1.0
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    assert all(math.isfinite(e["loss"]) for e in state["log_history"] if "loss" in e)
+    assert any("eval_loss" in entry for entry in state["log_history"]), "the bf16 evaluation ran"
+
+    # during warm-up (the second step of 100 runs at lr 5e-7; the first at 0): Adam's momentum from the first
+    # gradient can cancel a rare update to below a float32 ulp (about 1 in 1,000 at 5e-7); in bf16 only 1% moved
+    warm = small_run(tmp_path, small_synthdocs_dir, name="warm", max_steps=2, warmup_steps=100, lr=5e-5,
+                     eval_steps=0, bf16="true")
+    warm.model.dtype, warm.lora.enabled, warm.training.train_vision = "bfloat16", peft, not peft
+    warm_steps = HeadSteps()
+    train(warm, callbacks=[warm_steps])
+    assert [s["lr"] for s in warm_steps.steps] == pytest.approx([0.0, 5e-7])
+    assert _moved_fraction(warm_steps.steps[1]) > 0.99  # 99.88% measured
+
+    # what was saved loads in bf16 and embeds like the trained model (fp32 masters saved, rounded to bf16 on load)
+    from colintern.model.loading import load_retriever
+
+    saved = load_file(str(result.output_dir / ("adapter_model.safetensors" if peft else "model.safetensors")))
+    head = next(v for k, v in saved.items() if "custom_text_proj" in k and k.endswith("weight"))
+    assert head.dtype == torch.float32 and torch.equal(head, steps.steps[-1]["after"])  # saved as trained
+    reloaded, processor = load_retriever(str(result.output_dir), device="cpu", dtype=torch.bfloat16)
+    assert not reloaded.head_is_untrained() and reloaded.custom_text_proj.weight.dtype == torch.bfloat16
+    reference, _ = load_retriever(str(result.output_dir), device="cpu", dtype=torch.float32)
+    pages = [Image.new("RGB", (128, 176), "navy")]
+    got = encode_pages(reloaded, processor, pages, storage_dtype=torch.float32)[0]
+    expected = encode_pages(reference, processor, pages, storage_dtype=torch.float32)[0]
+    assert torch.isfinite(got).all() and torch.nn.functional.cosine_similarity(got, expected, dim=-1).min() > 0.98
+
+
 def test_adapter_reloads_in_a_fresh_process_with_identical_embeddings(colintern_home, small_synthdocs_dir, tmp_path):
     from PIL import Image
 
@@ -144,7 +236,8 @@ def test_the_trained_in_memory_model_matches_the_saved_adapter(colintern_home, s
 
     result = train(small_run(tmp_path, small_synthdocs_dir, max_steps=2), callbacks=[Capture()])
     pages = [Image.new("RGB", (128, 176), "navy")]
-    in_memory = encode_pages(captured["model"], captured["processor"], pages, storage_dtype=torch.float32)
+    # eval mode (LoRA dropout off): a run without a final evaluation ends with the model in train mode
+    in_memory = encode_pages(captured["model"].eval(), captured["processor"], pages, storage_dtype=torch.float32)
     reloaded, processor = load_retriever(str(result.output_dir), device="cpu")
     torch.testing.assert_close(in_memory[0], encode_pages(reloaded, processor, pages, storage_dtype=torch.float32)[0],
                                rtol=1e-5, atol=1e-6)
@@ -195,6 +288,44 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home
 
     kinds = {finding.kind for finding in training_report(tmp_path / "nan").findings}
     assert "nan" in kinds
+
+
+class CountEvaluations(TrainerCallback):
+    def __init__(self):
+        self.at_steps: list[int] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.at_steps.append(state.global_step)
+
+
+def test_a_smoke_run_skips_evaluation_and_evaluate_names_the_unfinished_warm_up(
+    colintern_home, small_synthdocs_dir, tmp_path
+):
+    from colintern.model.checkpoints import check_trained_head, describe_checkpoint
+    from colintern.model.loading import load_retriever
+
+    # transformers adds a final evaluation to any run with step-based evaluation; one shorter than --eval-steps skips it
+    smoke, evaluations = small_run(tmp_path, small_synthdocs_dir, name="smoke", max_steps=1, warmup_steps=10,
+                                   eval_steps=100, retrieval_eval=True), CountEvaluations()
+    out = train(smoke, callbacks=[evaluations]).output_dir
+    assert evaluations.at_steps == []
+    # a longer run keeps its scheduled evaluation and the one at its end
+    longer = CountEvaluations()
+    train(small_run(tmp_path, small_synthdocs_dir, name="longer", max_steps=3, eval_steps=2, save_steps=100),
+          callbacks=[longer])
+    assert longer.at_steps == [2, 3]
+
+    # the head never moved (lr 0 at the first warm-up step): evaluate.py says why, and what to do
+    done = run_script("scripts/evaluate.py", "--model-path", str(out), "--benchmarks", str(small_synthdocs_dir / "test"),
+                      "--output-dir", str(tmp_path / "eval"), "--max-num-visual-tokens", "16")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert re.search(r"the run ended before its warm-up finished \(1 step, warm-up 10\).*--max-steps above 10.*"
+                     r"--allow-untrained-head", done.stderr), done.stderr[-2000:]
+    checkpoint = out / "checkpoint-1"
+    model, _ = load_retriever(str(checkpoint), device="cpu")
+    with pytest.raises(ColinternError, match=r"saved before the run's warm-up finished \(1 step, warm-up 10\)"):
+        check_trained_head(model, describe_checkpoint(str(checkpoint)))
+    check_trained_head(model, describe_checkpoint(str(checkpoint)), allow_untrained_head=True)
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
