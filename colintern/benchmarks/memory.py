@@ -179,6 +179,9 @@ def build_model(config, setup: TrainingMemorySetup, seed: int = 0):
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
+    from colintern.training.trainer import upcast_trainable_parameters
+
+    upcast_trainable_parameters(model)  # what training does: float32 master weights for whatever trains
     return model.train()
 
 

@@ -399,15 +399,16 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
     }
     every_phase = tuple(PHASES)
 
-    # -- static: weights and AdamW states (in the parameter's dtype, as torch.optim.AdamW keeps them)
+    # -- static: weights and AdamW states (in the parameter's dtype, as torch.optim.AdamW keeps them). Whatever trains
+    # keeps float32 master weights (colintern.training.trainer.upcast_trainable_parameters; peft upcasts LoRA itself).
     lora_params = arch.lora_params * rank // arch.lora_rank
     if full:
-        frozen_params, trainable = 0, [(arch.total_params, c)]
+        frozen_params, trainable = 0, [(arch.total_params, 4)]
         embeddings = text.vocab * text.hidden
-        layer_trainable = (arch.language_params - embeddings - text.hidden) // text.layers * c
+        layer_trainable = (arch.language_params - embeddings - text.hidden) // text.layers * 4
     else:
         frozen_params = arch.total_params  # the head's original stays beside peft's trainable copy
-        trainable = [(lora_params, 4), (arch.head_params, c)]  # peft upcasts LoRA weights to float32
+        trainable = [(lora_params, 4), (arch.head_params, 4)]
         layer_trainable = lora_params // text.layers * 4
     trainable_bytes = sum(n * nbytes for n, nbytes in trainable)
     frozen_bytes, frozen_note = frozen_params * c, setup.dtype
@@ -423,10 +424,10 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
         frozen_note = f"{setup.quantize} LM linears, the rest float32"
         dequantized = max(o * i for o, i in linear_shapes) * c
     # a trainable vision tower's gradients appear during its backward, as its activations are released
-    vision_gradients = (arch.vision_params + arch.projector_params) * c if full else 0
-    head_bytes = arch.head_params * c
-    # Under autocast, each float32 LoRA weight is cast to the compute dtype once per forward; linear saves the copy.
-    autocast_copies = lora_params * c if (setup.uses_autocast and not full) else 0
+    vision_gradients = (arch.vision_params + arch.projector_params) * 4 if full else 0
+    head_bytes = arch.head_params * 4
+    # Under autocast, each float32 trained weight is cast to the compute dtype once per forward; linear saves the copy.
+    autocast_copies = ((arch.total_params if full else lora_params + arch.head_params) * c) if setup.uses_autocast else 0
 
     # -- inputs: ids and masks (int64), pixel values (float32 as the processor returns them)
     pixel_elements = b * tiles * 3 * vision.image_size**2
