@@ -18,9 +18,14 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from colintern.cli import check_option
 from colintern.training.arguments import RunConfig
+from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
+
+SKIP_START = 10  # steps whose loss is left out of the suggestion (the moving average is still settling)
+MIN_POINTS = 3  # points after SKIP_START that a suggestion needs
 
 
 @dataclass
@@ -60,9 +65,9 @@ class _Recorder(TrainerCallback):
         return control
 
 
-def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 10) -> tuple[float | None, float | None]:
+def suggest(lrs: list[float], smoothed: list[float], skip_start: int = SKIP_START) -> tuple[float | None, float | None]:
     """(steepest-descent lr before the minimum, lr of the minimum smoothed loss)."""
-    if len(lrs) < skip_start + 3:
+    if len(lrs) < skip_start + MIN_POINTS:
         return None, None
     lrs_arr, loss_arr = np.asarray(lrs[skip_start:]), np.asarray(smoothed[skip_start:])
     finite = np.isfinite(loss_arr)
@@ -81,10 +86,17 @@ def find_lr(
     steps: int = 200,
     divergence: float = 4.0,
     beta: float = 0.9,
-    skip_start: int = 10,
+    skip_start: int = SKIP_START,
 ) -> LRFinderResult:
     """Sweep the learning rate over `steps` real training steps of `config`; nothing is saved but the config."""
     from colintern.training.trainer import build_trainer
+
+    check_option(lr_min, "--lr-min", gt=0)
+    check_option(lr_max, "--lr-max", gt=0)
+    check_option(steps, "--steps", kind=int, ge=skip_start + MIN_POINTS)
+    check_option(divergence, "--divergence", gt=1)
+    if lr_max <= lr_min:
+        raise ColinternError(f"--lr-max ({lr_max:g}) must be larger than --lr-min ({lr_min:g}): the sweep goes up.")
 
     config.training.max_steps = steps
     config.training.warmup_steps = 0
