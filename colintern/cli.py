@@ -6,10 +6,13 @@ import argparse
 import errno
 import logging
 import math
+import os
 import pickle
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from colintern.utils import ColinternError, setup_logging
@@ -120,6 +123,21 @@ def check_option(value: Any, option: str, source: str = "command line", kind: ty
     return Limits(**bounds).check(value, option, source, kind)
 
 
+def read_text(path, what: str = "") -> str:
+    """A UTF-8 text file's contents (a byte-order mark is dropped); a file in another encoding is a ColinternError
+    naming it, the line of the first bad byte and the fix."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ColinternError(
+            f"{what + ' ' if what else ''}{path} is not UTF-8 text (line {line}: byte "
+            f"{data[error.start:error.start + 1]!r}, {error.reason}); save it as UTF-8 (e.g. 'CSV UTF-8' in a "
+            "spreadsheet, or `iconv -f latin1 -t utf-8`)."
+        ) from error
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse arguments, set up logging, run `main(args)`; expected failures become one `error:` line and exit 2.
@@ -155,9 +173,23 @@ _FIXES = {
     errno.EROFS: "is on a read-only file system: choose a writable folder",
     errno.ENOSPC: "no space left on the device: free some space or write elsewhere (--output-dir)",
     errno.EDQUOT: "disk quota exceeded: free some space or write elsewhere (--output-dir)",
-    errno.EFBIG: "file too large for this file system or the process's file-size limit (ulimit -f): write elsewhere",
+    errno.EFBIG: "file too large for the file system or the size limit (ulimit -f): write elsewhere (--output-dir)",
     errno.ENAMETOOLONG: "file name too long: choose a shorter path",
 }
+
+
+def _os_error_message(code: int, detail: str, *names) -> str:
+    paths = []
+    for name in names:
+        if isinstance(name, (str, bytes, os.PathLike)):
+            path = Path(os.fsdecode(name))
+            if path.name.startswith(".") and path.suffix in (".tmp", ".partial"):  # an atomic write's temporary name
+                path = path.parent
+            paths.append(path)
+    fix = _FIXES[code]
+    if code == errno.EEXIST and len(paths) == 1 and paths[0].is_file():  # mkdir where a file is
+        fix = "is a file where a folder is needed: choose another path"
+    return f"{' -> '.join(map(str, paths)) or 'writing a file'}: {fix} ({detail})"
 
 
 def expected_failure(error: BaseException) -> str | None:
@@ -165,15 +197,18 @@ def expected_failure(error: BaseException) -> str | None:
     if isinstance(error, ColinternError):
         return str(error)
     if isinstance(error, OSError) and error.errno in _FIXES:
-        paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
-        return f"{' -> '.join(paths) or 'a file'}: {_FIXES[error.errno]} ({error.strerror or error})"
+        return _os_error_message(error.errno, error.strerror or str(error), error.filename, error.filename2)
+    if type(error).__name__ == "SafetensorError":  # safetensors (Rust) reports the OS's error only in its message
+        code = re.search(r"os error (\d+)", str(error))
+        if code and int(code.group(1)) in _FIXES:
+            return _os_error_message(int(code.group(1)), f"safetensors: {error}")
     if isinstance(error, UnicodeDecodeError):
         bad = error.object[error.start : error.end]
         return (f"a text file is not UTF-8 ({error.reason} at byte {error.start}: {bad!r}); save it as UTF-8 "
                 "(run with -v to see which file)")
     if type(error).__name__ == "DecompressionBombError":  # PIL.Image; PIL is not imported here
         return f"{error} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
-    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+    if isinstance(error, pickle.UnpicklingError) and re.search(r"weights[ _]only", str(error), re.IGNORECASE):
         first = str(error).strip().splitlines()[0]
         return (f"refused to load a checkpoint file that holds pickled Python objects ({first}). Load only files you "
                 "trust; save weights as safetensors (run with -v to see which file)")

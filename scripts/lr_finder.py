@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from colintern.training.arguments import config_from_args
     from colintern.hub import prefer_offline_when_unreachable
-    from colintern.training.lr_finder import SKIP_START, find_lr, plot_lr_finder
+    from colintern.training.lr_finder import find_lr, plot_lr_finder
     from colintern.utils import atomic_write_json
 
     config = config_from_args(args)
@@ -52,21 +52,12 @@ def main(args: argparse.Namespace) -> int:
     plot = plot_lr_finder(result, out / "lr_finder.png", f"LR range test: {config.preset or config.model.name_or_path}")
     atomic_write_json(out / "lr_finder.json", result.to_dict())
     if result.suggestion is None:
-        logger.warning("No clear suggestion: %s See %s", no_suggestion_reason(result, SKIP_START), plot)
+        logger.warning("No clear suggestion: %s See %s", result.why_no_suggestion(), plot)
     else:
         print(f"Suggested learning rate: {result.suggestion:.2e}  (steepest descent; minimum of the loss at "
               f"{result.min_loss_lr:.2e}, min/10 = {result.min_loss_lr / 10:.2e})")
     print(f"Plot: {plot}")
     return 0
-
-
-def no_suggestion_reason(result, skip_start: int) -> str:
-    """Why the sweep gave no steepest-descent suggestion, with what to change."""
-    if result.min_loss_lr is None:  # too few points after the first skip_start steps
-        where = f", diverging at {result.diverged_at:.2e}" if result.diverged_at else ""
-        return (f"the sweep stopped after {len(result.lrs)} steps{where}, too few after the first {skip_start}; "
-                "lower --lr-max or give more --steps.")
-    return f"the loss was lowest at the start of the sweep ({result.min_loss_lr:.2e}); lower --lr-min."
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from colintern.cli import Limits, limits
+from colintern.cli import Limits, limits, read_text
 from colintern.utils import PRESETS_DIR, ColinternError
 
 DEFAULT_PRESET = "colintern3_5-1b"
@@ -344,11 +344,7 @@ def load_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise ColinternError(f"Circular `base:` chain at {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as error:
-        raise ColinternError(
-            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
-        ) from error
+        data = yaml.safe_load(read_text(path, "configuration file")) or {}
     except yaml.YAMLError as error:
         raise ColinternError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):

@@ -36,9 +36,18 @@ class LRFinderResult:
     suggestion: float | None = None
     min_loss_lr: float | None = None
     diverged_at: float | None = None
+    skip_start: int = SKIP_START
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def why_no_suggestion(self) -> str:
+        """Why the sweep gave no steepest-descent suggestion, and what to change."""
+        if self.min_loss_lr is None:  # too few points after the first skip_start steps
+            where = f", diverging at {self.diverged_at:.2e}" if self.diverged_at else ""
+            return (f"the sweep stopped after {len(self.lrs)} steps{where}, too few after the first "
+                    f"{self.skip_start}; lower --lr-max or give more --steps.")
+        return f"the loss was lowest at the start of the sweep ({self.min_loss_lr:.2e}); lower --lr-min."
 
 
 class _Recorder(TrainerCallback):
@@ -65,7 +74,9 @@ class _Recorder(TrainerCallback):
         return control
 
 
-def suggest(lrs: list[float], smoothed: list[float], skip_start: int = SKIP_START) -> tuple[float | None, float | None]:
+def suggest(
+    lrs: list[float], smoothed: list[float], skip_start: int = SKIP_START
+) -> tuple[float | None, float | None]:
     """(steepest-descent lr before the minimum, lr of the minimum smoothed loss)."""
     if len(lrs) < skip_start + MIN_POINTS:
         return None, None
@@ -113,7 +124,7 @@ def find_lr(
             group["initial_lr"] = lr_min * group["lr"] / config.training.lr
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (step / max(1, steps - 1)))
 
-    result = LRFinderResult()
+    result = LRFinderResult(skip_start=skip_start)
     run = build_trainer(config, [_Recorder(result, beta, divergence, skip_start)], scheduler_fn=exponential,
                         save_checkpoints=False, validate_resume=False)
     for group in run.trainer.optimizer.param_groups:
