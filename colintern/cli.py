@@ -82,11 +82,13 @@ class Limits:
             or (self.lt is not None and value >= self.lt)
         )
 
-    def check(self, value: Any, option: str, source: str = "command line", kind: type | None = None) -> Any:
-        """`value` when allowed; else a ColinternError naming the option, the value, the range and the source."""
+    def check(self, value: Any, option: str, source: str | None = "command line", kind: type | None = None) -> Any:
+        """`value` when allowed; else a ColinternError naming the option, the value, the range and the source
+        ("command line", a file name, "preset demo", ...; None when a caller passed the value in Python)."""
         if not self.accepts(value):
-            where = "on the command line" if source == "command line" else f"in {source}"
-            raise ColinternError(f"{option} = {value!r}: must be {self.describe(kind)} (set {where})")
+            where = "" if source is None else " (set on the command line)" if source == "command line" else (
+                f" (set in {source})")
+            raise ColinternError(f"{option} = {value!r}: must be {self.describe(kind)}{where}")
         return value
 
 
@@ -118,9 +120,10 @@ def limits(**bounds) -> dict:
     return {"action": _LimitedAction, "limits": Limits(**bounds)}
 
 
-def check_option(value: Any, option: str, source: str = "command line", kind: type | None = None, **bounds) -> Any:
-    """For library functions that take an option's value directly (e.g. `recommend(lora_dropout=...)`)."""
-    return Limits(**bounds).check(value, option, source, kind)
+def check_option(value: Any, option: str, kind: type | None = None, **bounds) -> Any:
+    """For library functions that take an option's value directly (e.g. `recommend(lora_dropout=...)`); the error
+    names the option by its flag."""
+    return Limits(**bounds).check(value, option, None, kind)
 
 
 def read_text(path, what: str = "") -> str:
@@ -209,7 +212,21 @@ def expected_failure(error: BaseException) -> str | None:
     if type(error).__name__ == "DecompressionBombError":  # PIL.Image; PIL is not imported here
         return f"{error} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
     if isinstance(error, pickle.UnpicklingError) and re.search(r"weights[ _]only", str(error), re.IGNORECASE):
-        first = str(error).strip().splitlines()[0]
-        return (f"refused to load a checkpoint file that holds pickled Python objects ({first}). Load only files you "
-                "trust; save weights as safetensors (run with -v to see which file)")
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        path = _torch_load_path(error)
+        return (f"{path or 'a checkpoint file'} holds {what}, which torch.load(weights_only=True) refuses to run. "
+                "Load only files you trust, saved as safetensors" + ("" if path else " (run with -v to see the file)"))
     return None
+
+
+def _torch_load_path(error: BaseException) -> str | None:
+    """The file `torch.load` was reading when `error` was raised (its `f` argument), if it was a path."""
+    frame, path = error.__traceback__, None
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name == "load" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+            candidate = frame.tb_frame.f_locals.get("f")
+            path = os.fsdecode(candidate) if isinstance(candidate, (str, bytes, os.PathLike)) else path
+        frame = frame.tb_next
+    return path

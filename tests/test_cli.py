@@ -37,7 +37,7 @@ def test_limits_describe_the_range_in_words():
 def test_a_bad_value_names_the_option_the_value_the_range_and_the_source():
     with pytest.raises(ColinternError) as caught:
         check_option(-2.0, "--lr", gt=0)
-    assert str(caught.value) == "--lr = -2.0: must be a finite number > 0 (set on the command line)"
+    assert str(caught.value) == "--lr = -2.0: must be a finite number > 0"  # a value passed in Python
     with pytest.raises(ColinternError, match=r"^training.lr \(--lr\) = nan: .* \(set in run.yaml\)$"):
         Limits(gt=0).check(math.nan, "training.lr (--lr)", "run.yaml")
 
@@ -135,3 +135,15 @@ def test_a_read_only_folder_is_named(tmp_path, capsys):
     finally:
         folder.chmod(0o755)
     assert f"error: {folder}: permission denied" in capsys.readouterr().err
+
+
+def test_a_pickle_refused_by_torch_load_names_the_file(tmp_path, capsys):
+    import fractions
+
+    import torch
+
+    path = tmp_path / "optimizer.pt"
+    path.write_bytes(pickle.dumps({"state": fractions.Fraction(1, 3)}, protocol=2))
+    assert run(lambda args: torch.load(path, weights_only=True), argparse.ArgumentParser(prog="p"), []) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {path} holds a pickled fractions.Fraction, which torch.load(weights_only=True)")

@@ -198,7 +198,7 @@ def pickle_file(path: Path) -> None:
     import fractions
     import pickle
 
-    path.write_bytes(pickle.dumps({"weight": fractions.Fraction(1, 3)}))
+    path.write_bytes(pickle.dumps({"weight": fractions.Fraction(1, 3)}, protocol=2))  # torch.save's protocol
 
 
 def image_document(folder: Path) -> None:

@@ -529,9 +529,9 @@ def recommend(
     check_option(vram_gib, "--vram-gb", gt=0)
     check_option(num_gpus, "--num-gpus", kind=int, ge=1)
     check_option(dataset_size, "--dataset-size", kind=int, ge=1)
-    field_bounds("model.max_num_visual_tokens").check(max_num_visual_tokens, "--max-num-visual-tokens", kind=int)
+    field_bounds("model.max_num_visual_tokens").check(max_num_visual_tokens, "--max-num-visual-tokens", None, int)
     check_option(query_tokens, "--query-tokens", kind=int, ge=1)
-    field_bounds("lora.dropout").check(lora_dropout, "--lora-dropout")
+    field_bounds("lora.dropout").check(lora_dropout, "--lora-dropout", None)
     check_option(epochs, "--epochs", kind=int, ge=1)
     gpu = detect_gpu(vram_gib, num_gpus)
     if gpu.vram_bytes <= 0 or gpu.count < 1:  # a visible GPU reported no memory, or none is visible
