@@ -82,7 +82,7 @@ class Result:
 
     def error_line(self) -> str:
         """The last `error:` line (colintern.cli.run's, or argparse's `prog: error:`), even after a progress bar."""
-        found = re.findall(r"(?:^|\r|it\])(error: [^\r\n]*)|^(\S+: error: [^\r\n]*)", self.err, re.MULTILINE)
+        found = re.findall(r"(?:^|\r|\])(error: [^\r\n]*)|^(\S+: error: [^\r\n]*)", self.err, re.MULTILINE)
         return "".join(found[-1]) if found else ""
 
 
