@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 
-from colintern.cli import run
+from colintern.cli import limits, run
 from colintern.utils import ColinternError
 
 logger = logging.getLogger("evaluate")
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from colintern.training.arguments import field_limits
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", help="adapter folder, checkpoint folder, Hub id or embedded: alias")
     parser.add_argument(
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help='benchmarks, tasks or task folders (default: "ViDoRe(v1)")',
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="pages (and queries) per forward pass (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pages (and queries) per forward pass (default 16)",
+                        **limits(ge=1))
     parser.add_argument(
         "--output-dir", default="results/mteb_evaluation", help="mteb results cache (default results/mteb_evaluation)"
     )
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--model-name", help="mteb model name for the results folder (default colintern/<folder>)")
-    parser.add_argument("--max-num-visual-tokens", type=int, help="override the processor's visual tokens per page")
+    parser.add_argument("--max-num-visual-tokens", type=int, help="override the processor's visual tokens per page",
+                        **field_limits("model.max_num_visual_tokens"))
     parser.add_argument("--download-only", action="store_true", help="only fetch the Hub datasets into the cache")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 
-from colintern.cli import run
+from colintern.cli import limits, run
 
 logger = logging.getLogger("hyperparameter_optimizer")
 
@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from colintern.training.arguments import field_limits
     from colintern.tuning.advisor import COLPALI_TRAIN_SET_PAIRS, DEFAULT_EPOCHS, DEFAULT_QUERY_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,22 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPU memory per device in GiB, as torch/nvidia-smi report it (e.g. 80 for an H100 80GB); "
         "default: the visible GPU, or 16 without one",
+        **limits(gt=0),
     )
-    parser.add_argument("--num-gpus", type=int, default=None, help="data-parallel GPUs (default: the visible ones)")
+    parser.add_argument("--num-gpus", type=int, default=None, help="data-parallel GPUs (default: the visible ones)",
+                        **limits(ge=1))
     parser.add_argument(
         "--dataset-size",
         type=int,
         default=COLPALI_TRAIN_SET_PAIRS,
         help="training pairs (default: %(default)s, vidore/colpali_train_set's train split)",
+        **limits(ge=1),
     )
     parser.add_argument(
         "--max-num-visual-tokens",
         type=int,
         default=None,
         help="image tokens per page budget (default: 1536 = 6 tiles for 448px models, one tile for smaller ones)",
+        **field_limits("model.max_num_visual_tokens"),
     )
     parser.add_argument(
-        "--query-tokens", type=int, default=DEFAULT_QUERY_TOKENS, help="padded query length (default %(default)s)"
+        "--query-tokens", type=int, default=DEFAULT_QUERY_TOKENS, help="padded query length (default %(default)s)",
+        **limits(ge=1),
     )
     parser.add_argument(
         "--precision",
@@ -101,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: on exactly when it lets a larger per-device batch fit (default)",
     )
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)",
+                        **field_limits("lora.dropout"))
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)",
+                        **limits(ge=1))
     parser.add_argument(
         "--quantize", choices=("4bit", "8bit"), default=None,
         help="plan for QLoRA (train.py --quantize): the language model's linears stored in 4 or 8 bits",

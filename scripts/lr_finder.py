@@ -16,20 +16,23 @@ import logging
 import sys
 from pathlib import Path
 
-from colintern.cli import run
+from colintern.cli import limits, run
 
 logger = logging.getLogger("lr_finder")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from colintern.training.arguments import add_config_arguments
+    from colintern.training.lr_finder import MIN_POINTS, SKIP_START
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     finder = parser.add_argument_group("range test")
-    finder.add_argument("--lr-min", type=float, default=1e-6, help="first learning rate (default 1e-6)")
-    finder.add_argument("--lr-max", type=float, default=1.0, help="last learning rate (default 1)")
-    finder.add_argument("--steps", type=int, default=200, help="optimizer steps of the sweep (default 200)")
-    finder.add_argument("--divergence", type=float, default=4.0, help="stop when loss > this x its minimum")
+    finder.add_argument("--lr-min", type=float, default=1e-6, help="first learning rate (default 1e-6)", **limits(gt=0))
+    finder.add_argument("--lr-max", type=float, default=1.0, help="last learning rate (default 1)", **limits(gt=0))
+    finder.add_argument("--steps", type=int, default=200, help="optimizer steps of the sweep (default 200)",
+                        **limits(ge=SKIP_START + MIN_POINTS))
+    finder.add_argument("--divergence", type=float, default=4.0, help="stop when loss > this x its minimum",
+                        **limits(gt=1))
     add_config_arguments(parser)
     return parser
 
@@ -49,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     plot = plot_lr_finder(result, out / "lr_finder.png", f"LR range test: {config.preset or config.model.name_or_path}")
     atomic_write_json(out / "lr_finder.json", result.to_dict())
     if result.suggestion is None:
-        logger.warning("No clear suggestion (too few steps before divergence); see %s", plot)
+        logger.warning("No clear suggestion: %s See %s", result.why_no_suggestion(), plot)
     else:
         print(f"Suggested learning rate: {result.suggestion:.2e}  (steepest descent; minimum of the loss at "
               f"{result.min_loss_lr:.2e}, min/10 = {result.min_loss_lr / 10:.2e})")

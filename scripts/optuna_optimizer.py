@@ -33,7 +33,7 @@ import logging
 import sys
 from pathlib import Path
 
-from colintern.cli import run
+from colintern.cli import limits, run
 
 logger = logging.getLogger("optuna_optimizer")
 
@@ -45,24 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("search")
     group.add_argument("--trials", type=int, default=20, help="finished trials the study should have in total "
-                       "(default %(default)s)")
+                       "(default %(default)s)", **limits(ge=1))
     group.add_argument("--search-space", help="YAML search space (default: by preset, see above)")
     group.add_argument("--objective", default="ndcg", help=f"{', '.join(OBJECTIVES)}; comma-separated for a "
                        "multi-objective (Pareto) study, e.g. ndcg,memory (default %(default)s)")
     group.add_argument("--pruner", choices=PRUNERS, default="median", help="prune on the evaluations "
                        "(default %(default)s)")
     group.add_argument("--pruner-startup-trials", type=int, default=2,
-                       help="median pruner: finished trials before it prunes (default %(default)s)")
+                       help="median pruner: finished trials before it prunes (default %(default)s)", **limits(ge=0))
     group.add_argument("--pruner-warmup-steps", type=int, default=0,
-                       help="median pruner: never prune before this training step (default %(default)s)")
+                       help="median pruner: never prune before this training step (default %(default)s)",
+                       **limits(ge=0))
     group.add_argument("--startup-trials", type=int, default=10,
-                       help="random trials before TPE models the results (default %(default)s)")
+                       help="random trials before TPE models the results (default %(default)s)", **limits(ge=0))
     group.add_argument("--storage", help="database URL, .db file, or journal file (default: <output-dir>/optuna.db)")
     group.add_argument("--study-name", help="name in the storage (default: <preset>-<objectives>)")
     group.add_argument("--time-budget-hours", type=float, help="stop starting trials once the study's trials have run "
-                       "this long in total (earlier invocations count)")
+                       "this long in total (earlier invocations count)", **limits(gt=0))
     group.add_argument("--vram-gb", type=float, help="GPU memory per device for the batch bound and the memory "
-                       "constraint (default: the visible GPU, else 16)")
+                       "constraint (default: the visible GPU, else 16)", **limits(gt=0))
     add_config_arguments(parser)
     return parser
 

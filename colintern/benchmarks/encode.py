@@ -26,6 +26,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from colintern.cli import limits
+
 DESCRIPTION = "Encoding throughput: pages/s and queries/s of the evaluation path at several batch sizes (+ --full-size)"
 
 logger = logging.getLogger(__name__)
@@ -58,26 +60,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = EncodeRun()
     parser.add_argument("--model", default=default.model, help="checkpoint (ignored with --full-size)")
     parser.add_argument("--dataset", default=default.dataset, help="SynthDocs folder or alias for pages and queries")
-    parser.add_argument("--pages", type=int, default=None, help="pages to encode (default 128; 64 with --full-size)")
-    parser.add_argument("--queries", type=int, default=None, help="queries to encode (default 256)")
+    parser.add_argument("--pages", type=int, default=None, help="pages to encode (default 128; 64 with --full-size)",
+                        **limits(ge=1))
+    parser.add_argument("--queries", type=int, default=None, help="queries to encode (default 256)", **limits(ge=1))
     parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=None, help="page batch sizes (default 1 8 32; 1 4 8 16 32 full)"
+        "--batch-sizes", type=int, nargs="+", default=None, help="page batch sizes (default 1 8 32; 1 4 8 16 32 full)",
+        **limits(ge=1)
     )
     parser.add_argument(
-        "--query-batch-sizes", type=int, nargs="+", default=None, help="query batch sizes (default 1 32 128)"
+        "--query-batch-sizes", type=int, nargs="+", default=None, help="query batch sizes (default 1 32 128)",
+        **limits(ge=1)
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="page token budget (tiling)")
-    parser.add_argument("--repeats", type=int, default=default.repeats, help="timed passes per setting; best counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)",
+                        **limits(ge=1))
+    parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="page token budget (tiling)",
+                        **limits(ge=1))
+    parser.add_argument("--repeats", type=int, default=default.repeats, help="timed passes per setting; best counts",
+                        **limits(ge=1))
     parser.add_argument("--no-reference", action="store_true", help="skip mteb's ColPaliEngineWrapper")
     parser.add_argument(
         "--full-size", action="store_true",
         help="InternVL3.5-1B architecture, random weights, 448px tiles, bf16 + flash/SDPA attention (needs a GPU)",
     )
-    parser.add_argument("--page-size", type=int, nargs=2, default=default.page_size, metavar=("W", "H"))
+    parser.add_argument("--page-size", type=int, nargs=2, default=default.page_size, metavar=("W", "H"), **limits(ge=1))
     parser.add_argument("--attn-implementation", default=None, help="override (default: flash_attention_2 or sdpa)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU if unknown")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU if unknown",
+                        **limits(gt=0))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--note", action="append", default=[], help="free text stored in the JSON (repeatable)")
     parser.add_argument("--tag", default=None, help="suffix of the JSON file name")

@@ -26,6 +26,7 @@ import time
 import weakref
 
 from colintern.benchmarks.full_size import FULL_SIZE_MODEL
+from colintern.cli import limits
 from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
 
 logger = logging.getLogger(__name__)
@@ -54,15 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         help="per-device batch sizes (default: 4 16 64; --full-size: 1 2 4 8 without checkpointing, 4 16 32 64 with)",
+        **limits(ge=1),
     )
     parser.add_argument("--modes", nargs="+", choices=("lora", "full"), help="fine-tuning modes (default: lora full)")
     parser.add_argument(
         "--checkpointing", choices=("off", "on", "both"), default="both", help="gradient checkpointing settings"
     )
     parser.add_argument(
-        "--query-tokens", type=int, default=None, help="padded query length (default 32; 64 for 448px models)"
+        "--query-tokens", type=int, default=None, help="padded query length (default 32; 64 for 448px models)",
+        **limits(ge=1)
     )
-    parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="image tokens per page budget")
+    parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="image tokens per page budget",
+                        **limits(ge=1))
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: fp32 CPU, bf16 GPU")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--tag", default=None, help="suffix of the result file (memory-<tag>.json)")

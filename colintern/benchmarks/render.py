@@ -15,15 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from colintern.cli import limits
+
 DESCRIPTION = "PDF pages to a training set: prepare_dataset vs a plain pypdfium2 + PNG loop (time, size)"
 WORDS = ("revenue margin quarter growth report annual board lease tenant signed clause total net cost asset "
          "invoice amount due date policy coverage premium claim").split()
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--documents", type=int, default=4, help="number of PDFs (default 4)")
-    parser.add_argument("--pages", type=int, default=25, help="pages per PDF (default 25)")
-    parser.add_argument("--dpi", type=int, default=150)
+    parser.add_argument("--documents", type=int, default=4, help="number of PDFs (default 4)", **limits(ge=1))
+    parser.add_argument("--pages", type=int, default=25, help="pages per PDF (default 25)", **limits(ge=1))
+    parser.add_argument("--dpi", type=int, default=150, **limits(ge=10))
 
 
 def build_text_pdf(path: Path, n_pages: int, seed: int) -> None:

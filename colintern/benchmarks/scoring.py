@@ -37,6 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from colintern.cli import limits
+
 DESCRIPTION = "MaxSim: colintern vs colpali-engine's score_multi_vector and mteb's max_sim (time, memory, rankings)"
 IMPLEMENTATIONS = ("colintern", "colpali_engine", "mteb")
 TARGET_SPEEDUP = 3.0
@@ -281,23 +283,30 @@ class ScoringRun:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = ScoringInputsConfig()
-    parser.add_argument("--queries", type=int, default=default.n_queries, help="number of queries (default 256)")
-    parser.add_argument("--pages", type=int, default=default.n_pages, help="number of pages (default 1024)")
-    parser.add_argument("--query-tokens", type=int, nargs=2, default=default.query_tokens, metavar=("MIN", "MAX"))
-    parser.add_argument("--page-tokens", type=int, nargs=2, default=default.page_tokens, metavar=("MIN", "MAX"))
-    parser.add_argument("--dim", type=int, default=default.dim)
+    parser.add_argument("--queries", type=int, default=default.n_queries, help="number of queries (default 256)",
+                        **limits(ge=1))
+    parser.add_argument("--pages", type=int, default=default.n_pages, help="number of pages (default 1024)",
+                        **limits(ge=1))
+    parser.add_argument("--query-tokens", type=int, nargs=2, default=default.query_tokens, metavar=("MIN", "MAX"),
+                        **limits(ge=1))
+    parser.add_argument("--page-tokens", type=int, nargs=2, default=default.page_tokens, metavar=("MIN", "MAX"),
+                        **limits(ge=1))
+    parser.add_argument("--dim", type=int, default=default.dim, **limits(ge=1))
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=default.dtype)
-    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--seed", type=int, default=default.seed, **limits(ge=0))
     parser.add_argument(
         "--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
         help="which scorers to run (colintern is always run)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (inputs are placed there before timing)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per worker process; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)",
+                        **limits(ge=1))
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per worker process; the fastest counts",
+                        **limits(ge=1))
     parser.add_argument(
         "--rounds", type=int, default=1,
         help="passes over all implementations (alternating, a fresh process each); the fastest call counts",
+        **limits(ge=1),
     )
     parser.add_argument("--exact-queries", type=int, default=16, help="queries checked against float64 brute force")
     parser.add_argument("--quick", action="store_true", help="tiny inputs (12 queries x 40 pages), for tests")

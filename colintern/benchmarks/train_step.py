@@ -43,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from colintern.cli import limits
+
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "Training throughput: samples/s and peak memory of colintern's trainer vs colpali-engine's way"
@@ -82,24 +84,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = TrainStepRun()
     parser.add_argument("--preset", default=None, help="training preset (default: demo; colintern3_5-1b with --full-size)")
     parser.add_argument("--dataset", default=None, help="training set (default: the preset's; SynthDocs with --full-size)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=default.steps, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=default.warmup, help="untimed steps before timing")
+    parser.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: the preset's)",
+                        **limits(ge=1))
+    parser.add_argument("--steps", type=int, default=default.steps, help="timed optimizer steps", **limits(ge=1))
+    parser.add_argument("--warmup", type=int, default=default.warmup, help="untimed steps before timing",
+                        **limits(ge=0))
     parser.add_argument(
         "--reference-workers", type=int, nargs="+", default=list(default.reference_workers),
         help="DataLoader workers of the colpali-engine runs, one run each (default 0, the transformers default)",
+        **limits(ge=0),
     )
-    parser.add_argument("--workers", type=int, default=None, help="colintern's DataLoader workers (default: preset's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=None, help="colintern's DataLoader workers (default: preset's)",
+                        **limits(ge=0))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)",
+                        **limits(ge=1))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--rounds", type=int, default=default.rounds, help="repeat every run; the best counts")
+    parser.add_argument("--rounds", type=int, default=default.rounds, help="repeat every run; the best counts",
+                        **limits(ge=1))
     parser.add_argument(
         "--full-size", action="store_true",
         help="InternVL3.5-1B architecture, random weights, LoRA + bf16 + checkpointing, 448px tiles (needs a GPU)",
     )
     parser.add_argument("--page-size", type=int, nargs=2, default=list(default.page_size), metavar=("W", "H"),
-                        help="--full-size: pages resized to this many pixels (default A4 at 150 dpi)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU")
+                        help="--full-size: pages resized to this many pixels (default A4 at 150 dpi)", **limits(ge=1))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU", **limits(gt=0))
     parser.add_argument("--tag", default=None, help="suffix of the JSON file name")
     parser.add_argument("--note", action="append", default=[], help="free text recorded in the JSON")
 

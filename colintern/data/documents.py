@@ -44,6 +44,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from colintern.cli import read_text
 from colintern.utils import ColinternError, atomic_directory, atomic_write_json, prepare_output_dir
 
 logger = logging.getLogger(__name__)
@@ -286,8 +287,9 @@ def _read_query_lines(path: Path, problems: ProblemLog) -> list[tuple[int, dict]
         raise ColinternError(f"Queries file not found: {path}")
     suffix = path.suffix.lower()
     records = []
+    text = read_text(path, "Queries file")
     if suffix in (".jsonl", ".ndjson", ".json"):
-        with open(path, encoding="utf-8-sig") as handle:
+        with io.StringIO(text, newline=None) as handle:
             for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
@@ -302,7 +304,7 @@ def _read_query_lines(path: Path, problems: ProblemLog) -> list[tuple[int, dict]
                 records.append((number, record))
         missing = [c for c in QUERY_COLUMNS if records and all(c not in r for _, r in records)]
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as handle:
+        with io.StringIO(text, newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
             missing = [c for c in QUERY_COLUMNS if c not in (reader.fieldnames or [])]
             if not missing:

@@ -72,6 +72,11 @@ def open_page(page: PageInput, page_id: Any = None) -> Image.Image:
             if array.dtype != np.uint8:
                 array = (np.clip(array, 0, 1) * 255 if array.max() <= 1 else np.clip(array, 0, 255)).astype(np.uint8)
             return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+    except Image.DecompressionBombError as error:  # a header claiming far more pixels than a page has
+        raise ColinternError(
+            f"Cannot read {label}: {error} Replace it with a downscaled copy or remove it (or, if you trust the file, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS)."
+        ) from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ColinternError(f"Cannot read {label}: {error}. Replace or remove this page.") from error
     raise ColinternError(f"Cannot read {label}: unsupported page type {type(page).__name__}.")

@@ -242,9 +242,10 @@ def _has_readme_configs(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-def decode_image(value: Any) -> Image.Image:
-    """A page from what a dataset stores (PIL image, {'bytes', 'path'}, bytes, path, array), fully decoded."""
-    image = open_page(value)
+def decode_image(value: Any, page_id: Any = None) -> Image.Image:
+    """A page from what a dataset stores (PIL image, {'bytes', 'path'}, bytes, path, array), fully decoded;
+    `page_id` names it in errors."""
+    image = open_page(value, page_id)
     image.load()
     if image.width == 0 or image.height == 0:
         raise ValueError("empty image (0 pixels)")

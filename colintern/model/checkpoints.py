@@ -222,7 +222,7 @@ def stopped_in_warmup(info: CheckpointInfo) -> tuple[int, int] | None:
     if info.path is None:
         return None
     state = _read_json(info.path / "trainer_state.json")
-    run = info.run_config or _read_json(info.path.parent / RUN_CONFIG_FILE)
+    run = info.run_config or read_run_config(info.path.parent)
     try:
         steps, warmup = int(state["global_step"]), int(run["training"]["warmup_steps"])
     except (KeyError, TypeError, ValueError):

@@ -105,7 +105,10 @@ def load_processor(name_or_path: str, max_num_visual_tokens: int | None = None, 
     except OSError as error:
         raise _explain_load_error(str(name_or_path), error) from error
     if max_num_visual_tokens is not None:
-        processor.set_max_num_visual_tokens(max_num_visual_tokens)
+        try:
+            processor.set_max_num_visual_tokens(max_num_visual_tokens)
+        except ValueError as error:  # below one tile of this model
+            raise ColinternError(f"--max-num-visual-tokens {max_num_visual_tokens}: {error}") from error
     return processor
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from colintern.cli import Limits, limits, read_text
 from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS
 from colintern.utils import PRESETS_DIR, ColinternError
 
@@ -38,7 +39,14 @@ LM_LINEAR_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
 
 
 def _flag(name: str, help: str, **extra) -> dict:
+    """A field's metadata: its flag, help and the values it accepts (`colintern.cli.Limits` keys: ge, gt, le, lt,
+    finite, choices, also), checked wherever a value comes from (preset, file, advisor JSON, flag)."""
     return {"flag": name, "help": help, **extra}
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")  # transformers' schedulers that need no extra arguments
+LOSSES = ("colbert", "pairwise", "negative-ce", "pairwise-negative-ce")  # colintern.training.trainer.build_loss
 
 
 @dataclass
@@ -59,15 +67,19 @@ class ModelConfig:
         metadata=_flag("--model", "base model: Hub id, local folder, or embedded:tiny-internvl3_5"),
     )
     max_num_visual_tokens: int = field(
-        default=DEFAULT_MAX_NUM_VISUAL_TOKENS,
-        metadata=_flag("--max-num-visual-tokens", "image tokens per page at most (tiling limit)"),
+        default=DEFAULT_MAX_NUM_VISUAL_TOKENS, metadata=_flag("--max-num-visual-tokens", "image tokens per page at most (tiling limit)", ge=1)
     )
-    dtype: str = field(default="auto", metadata=_flag("--dtype", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32"))
+    dtype: str = field(
+        default="auto",
+        metadata=_flag("--dtype", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float32",
+                       choices=("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")),
+    )
     attn_implementation: str = field(
         default="auto", metadata=_flag("--attn-implementation", "auto (flash_attention_2 if installed, else sdpa)")
     )
     quantize: str | None = field(
-        default=None, metadata=_flag("--quantize", "4bit or 8bit base weights (QLoRA, CUDA + bitsandbytes)")
+        default=None, metadata=_flag("--quantize", "4bit or 8bit base weights (QLoRA, CUDA + bitsandbytes)",
+                                      choices=("4bit", "8bit"))
     )
 
 
@@ -81,14 +93,18 @@ class DataConfig:
     eval_split: str | None = field(
         default="test", metadata=_flag("--eval-split", "held-out split for the evaluation loss ('none' to skip)")
     )
-    max_train_samples: int | None = field(default=None, metadata=_flag("--max-train-samples", "use at most N pairs"))
-    max_eval_samples: int | None = field(default=512, metadata=_flag("--max-eval-samples", "evaluate on at most N"))
+    max_train_samples: int | None = field(
+        default=None, metadata=_flag("--max-train-samples", "use at most N pairs", ge=1)
+    )
+    max_eval_samples: int | None = field(
+        default=512, metadata=_flag("--max-eval-samples", "evaluate on at most N", ge=1)
+    )
     query_column: str = field(default="query", metadata=_flag("--query-column", "column holding the query text"))
     image_column: str = field(default="image", metadata=_flag("--image-column", "column holding the page image"))
     negatives_column: str | None = field(
         default="negatives", metadata=_flag("--negatives-column", "column of hard-negative pages, used if present")
     )
-    num_negatives: int = field(default=1, metadata=_flag("--num-negatives", "hard negatives per query"))
+    num_negatives: int = field(default=1, metadata=_flag("--num-negatives", "hard negatives per query", ge=1))
     skip_bad_rows: bool = field(
         default=False, metadata=_flag("--skip-bad-rows", "drop invalid rows (reported) instead of stopping")
     )
@@ -102,9 +118,9 @@ class DataConfig:
 @dataclass
 class LoraSettings:
     enabled: bool = field(default=True, metadata=_flag("--peft", "LoRA on the language model + trained head"))
-    rank: int = field(default=32, metadata=_flag("--lora-rank", "LoRA rank r"))
-    alpha: int = field(default=32, metadata=_flag("--lora-alpha", "LoRA alpha (scale = alpha / r)"))
-    dropout: float = field(default=0.1, metadata=_flag("--lora-dropout", "LoRA dropout"))
+    rank: int = field(default=32, metadata=_flag("--lora-rank", "LoRA rank r", ge=1))
+    alpha: int = field(default=32, metadata=_flag("--lora-alpha", "LoRA alpha (scale = alpha / r)", gt=0))
+    dropout: float = field(default=0.1, metadata=_flag("--lora-dropout", "LoRA dropout", ge=0, lt=1))
     target_modules: str = field(
         default=LM_LINEAR_TARGETS, metadata=_flag("--lora-target-modules", "regex of modules to adapt (fullmatch)")
     )
@@ -115,37 +131,55 @@ class TrainingConfig:
     output_dir: str = field(
         default="experiments/runs/colintern3_5-1b", metadata=_flag("--output-dir", "run directory")
     )
-    epochs: float = field(default=5.0, metadata=_flag("--epochs", "training epochs"))
-    max_steps: int = field(default=-1, metadata=_flag("--max-steps", "stop after N optimizer steps (-1: epochs)"))
-    batch_size: int = field(default=16, metadata=_flag("--batch-size", "per-device batch (queries = pages)"))
-    grad_accum: int = field(default=4, metadata=_flag("--grad-accum", "gradient accumulation steps"))
-    lr: float = field(default=5e-5, metadata=_flag("--lr", "peak learning rate (LoRA / trained weights)"))
-    lr_head: float | None = field(default=None, metadata=_flag("--lr-head", "learning rate of custom_text_proj"))
+    epochs: float = field(default=5.0, metadata=_flag("--epochs", "training epochs", gt=0))
+    max_steps: int = field(
+        default=-1, metadata=_flag("--max-steps", "stop after N optimizer steps (-1: epochs)", ge=1, also=(-1,))
+    )
+    batch_size: int = field(default=16, metadata=_flag("--batch-size", "per-device batch (queries = pages)", ge=1))
+    grad_accum: int = field(default=4, metadata=_flag("--grad-accum", "gradient accumulation steps", ge=1))
+    lr: float = field(default=5e-5, metadata=_flag("--lr", "peak learning rate (LoRA / trained weights)", gt=0))
+    lr_head: float | None = field(
+        default=None, metadata=_flag("--lr-head", "learning rate of custom_text_proj", gt=0)
+    )
     lr_vision: float | None = field(
-        default=None, metadata=_flag("--lr-vision", "learning rate of vision tower + projector (with --train-vision)")
+        default=None,
+        metadata=_flag("--lr-vision", "learning rate of vision tower + projector (with --train-vision)", gt=0),
     )
-    warmup_steps: int = field(default=100, metadata=_flag("--warmup-steps", "linear warm-up steps"))
-    scheduler: str = field(default="linear", metadata=_flag("--scheduler", "linear, cosine or constant_with_warmup"))
-    weight_decay: float = field(default=0.0, metadata=_flag("--weight-decay", "AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_flag("--max-grad-norm", "gradient clipping norm"))
+    warmup_steps: int = field(default=100, metadata=_flag("--warmup-steps", "linear warm-up steps", ge=0))
+    scheduler: str = field(
+        default="linear", metadata=_flag("--scheduler", "linear, cosine or constant_with_warmup", choices=SCHEDULERS)
+    )
+    weight_decay: float = field(default=0.0, metadata=_flag("--weight-decay", "AdamW weight decay", ge=0))
+    max_grad_norm: float = field(
+        default=1.0, metadata=_flag("--max-grad-norm", "gradient clipping norm (0: none)", ge=0)
+    )
     loss: str = field(
-        default="colbert", metadata=_flag("--loss", "colbert, pairwise, negative-ce or pairwise-negative-ce")
+        default="colbert",
+        metadata=_flag("--loss", "colbert, pairwise, negative-ce or pairwise-negative-ce", choices=LOSSES),
     )
-    temperature: float | None = field(default=None, metadata=_flag("--temperature", "loss temperature (loss default)"))
+    temperature: float | None = field(
+        default=None, metadata=_flag("--temperature", "loss temperature (loss default)", gt=0)
+    )
     train_vision: bool = field(
         default=False, metadata=_flag("--train-vision", "also train the vision tower and projector")
     )
     gradient_checkpointing: bool = field(
         default=True, metadata=_flag("--gradient-checkpointing", "recompute LM activations in the backward pass")
     )
-    bf16: str = field(default="auto", metadata=_flag("--bf16", "auto (on CUDA with bf16 support), true, false"))
-    seed: int = field(default=42, metadata=_flag("--seed", "random seed"))
-    logging_steps: int = field(default=10, metadata=_flag("--logging-steps", "log every N steps"))
-    eval_steps: int | None = field(default=200, metadata=_flag("--eval-steps", "evaluate every N steps"))
-    save_steps: int = field(default=500, metadata=_flag("--save-steps", "checkpoint every N steps"))
-    save_total_limit: int | None = field(default=3, metadata=_flag("--save-total-limit", "checkpoints to keep"))
+    bf16: str = field(
+        default="auto",
+        metadata=_flag("--bf16", "auto (on CUDA with bf16 support), true, false",
+                       choices=("auto", "true", "false", "yes", "no", "1", "0")),
+    )
+    seed: int = field(default=42, metadata=_flag("--seed", "random seed", ge=0, le=2**32 - 1))
+    logging_steps: int = field(default=10, metadata=_flag("--logging-steps", "log every N steps", ge=1))
+    eval_steps: int | None = field(
+        default=200, metadata=_flag("--eval-steps", "evaluate every N steps ('none': never)", ge=1)
+    )
+    save_steps: int = field(default=500, metadata=_flag("--save-steps", "checkpoint every N steps", ge=1))
+    save_total_limit: int | None = field(default=3, metadata=_flag("--save-total-limit", "checkpoints to keep", ge=1))
     early_stopping_patience: int | None = field(
-        default=None, metadata=_flag("--early-stopping-patience", "stop after N evaluations without improvement")
+        default=None, metadata=_flag("--early-stopping-patience", "stop after N evaluations without improvement", ge=1)
     )
     retrieval_eval: bool = field(
         default=False, metadata=_flag("--retrieval-eval", "also report NDCG@5 on the retrieval validation split")
@@ -153,7 +187,7 @@ class TrainingConfig:
     report_to: str = field(default="wandb", metadata=_flag("--report-to", "wandb, tensorboard or none"))
     run_name: str | None = field(default=None, metadata=_flag("--run-name", "name of the run in W&B/TensorBoard"))
     dataloader_num_workers: int = field(
-        default=2, metadata=_flag("--num-workers", "data-loading worker processes (image decoding, tiling)")
+        default=2, metadata=_flag("--num-workers", "data-loading worker processes (image decoding, tiling)", ge=0)
     )
     augment: dict = field(
         default_factory=dict, metadata={"flag": None, "help": "training-page augmentation settings (off when empty)"}
@@ -266,7 +300,32 @@ def apply_overrides(config: RunConfig, data: dict, source: str = "configuration"
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ColinternError(f"{source}: unknown field '{key}.{name}'{hint}")
             tp = _field_type(type(section), name)
-            setattr(section, name, coerce(item, tp, f"{source}: {key}.{name}"))
+            value = coerce(item, tp, f"{source}: {key}.{name}")
+            check_field(key, known[name], value, source)
+            setattr(section, name, value)
+
+
+def field_bounds(path: str) -> Limits:
+    """The values the configuration field `path` ("section.field") accepts."""
+    section, name = path.split(".")
+    return Limits.from_metadata(_section_fields(getattr(RunConfig(), section))[name].metadata) or Limits()
+
+
+def field_limits(path: str) -> dict:
+    """`add_argument` keywords that check a script's own flag exactly like the configuration field `path` (e.g. the
+    advisor's --lora-dropout like `lora.dropout`): one declaration of the range."""
+    return limits(**dataclasses.asdict(field_bounds(path)))
+
+
+def check_field(section: str, spec: dataclasses.Field, value: Any, source: str) -> None:
+    """A ColinternError naming the option, the value, the allowed range and the source when `value` is out of range."""
+    bounds = Limits.from_metadata(spec.metadata)
+    if bounds is None:
+        return
+    flag = spec.metadata.get("flag")
+    option = flag if source == "command line" and flag else f"{section}.{spec.name}" + (f" ({flag})" if flag else "")
+    kind = int if isinstance(value, int) and not isinstance(value, bool) else float
+    bounds.check(value, option, source, kind)
 
 
 # ------------------------------------------------------------------------------------------------ YAML files
@@ -286,7 +345,7 @@ def load_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise ColinternError(f"Circular `base:` chain at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "configuration file")) or {}
     except yaml.YAMLError as error:
         raise ColinternError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):

@@ -18,9 +18,14 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from colintern.cli import check_option
 from colintern.training.arguments import RunConfig
+from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
+
+SKIP_START = 10  # steps whose loss is left out of the suggestion (the moving average is still settling)
+MIN_POINTS = 3  # points after SKIP_START that a suggestion needs
 
 
 @dataclass
@@ -31,9 +36,18 @@ class LRFinderResult:
     suggestion: float | None = None
     min_loss_lr: float | None = None
     diverged_at: float | None = None
+    skip_start: int = SKIP_START
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def why_no_suggestion(self) -> str:
+        """Why the sweep gave no steepest-descent suggestion, and what to change."""
+        if self.min_loss_lr is None:  # too few points after the first skip_start steps
+            where = f", diverging at {self.diverged_at:.2e}" if self.diverged_at else ""
+            return (f"the sweep stopped after {len(self.lrs)} steps{where}, too few after the first "
+                    f"{self.skip_start}; lower --lr-max or give more --steps.")
+        return f"the loss was lowest at the start of the sweep ({self.min_loss_lr:.2e}); lower --lr-min."
 
 
 class _Recorder(TrainerCallback):
@@ -60,9 +74,11 @@ class _Recorder(TrainerCallback):
         return control
 
 
-def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 10) -> tuple[float | None, float | None]:
+def suggest(
+    lrs: list[float], smoothed: list[float], skip_start: int = SKIP_START
+) -> tuple[float | None, float | None]:
     """(steepest-descent lr before the minimum, lr of the minimum smoothed loss)."""
-    if len(lrs) < skip_start + 3:
+    if len(lrs) < skip_start + MIN_POINTS:
         return None, None
     lrs_arr, loss_arr = np.asarray(lrs[skip_start:]), np.asarray(smoothed[skip_start:])
     finite = np.isfinite(loss_arr)
@@ -81,10 +97,17 @@ def find_lr(
     steps: int = 200,
     divergence: float = 4.0,
     beta: float = 0.9,
-    skip_start: int = 10,
+    skip_start: int = SKIP_START,
 ) -> LRFinderResult:
     """Sweep the learning rate over `steps` real training steps of `config`; nothing is saved but the config."""
     from colintern.training.trainer import build_trainer
+
+    check_option(lr_min, "--lr-min", gt=0)
+    check_option(lr_max, "--lr-max", gt=0)
+    check_option(steps, "--steps", kind=int, ge=skip_start + MIN_POINTS)
+    check_option(divergence, "--divergence", gt=1)
+    if lr_max <= lr_min:
+        raise ColinternError(f"--lr-max ({lr_max:g}) must be larger than --lr-min ({lr_min:g}): the sweep goes up.")
 
     config.training.max_steps = steps
     config.training.warmup_steps = 0
@@ -101,7 +124,7 @@ def find_lr(
             group["initial_lr"] = lr_min * group["lr"] / config.training.lr
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (step / max(1, steps - 1)))
 
-    result = LRFinderResult()
+    result = LRFinderResult(skip_start=skip_start)
     run = build_trainer(config, [_Recorder(result, beta, divergence, skip_start)], scheduler_fn=exponential,
                         save_checkpoints=False, validate_resume=False)
     for group in run.trainer.optimizer.param_groups:

@@ -149,7 +149,7 @@ def encode_distinct_pages(model, processor, images: list[Any], rows: list[int], 
     embeddings: list[torch.Tensor] = []
     with tqdm(total=len(rows), desc="Encoding pages", unit="page") as progress:
         for start in range(0, len(rows), config.page_chunk):
-            chunk = [decode_image(images[row]) for row in rows[start : start + config.page_chunk]]
+            chunk = [decode_image(images[row], f"row {row}") for row in rows[start : start + config.page_chunk]]
             embeddings += encode_pages(model, processor, chunk, config.batch_size)
             progress.update(len(chunk))
     return embeddings

@@ -26,7 +26,8 @@ from colintern.model.architecture import (
     InternVLArchitecture,
     tiles_per_page,
 )
-from colintern.training.arguments import LM_LINEAR_TARGETS
+from colintern.cli import check_option
+from colintern.training.arguments import LM_LINEAR_TARGETS, field_bounds
 from colintern.utils import ARCHITECTURES_DIR, ColinternError
 
 logger = logging.getLogger(__name__)
@@ -333,7 +334,7 @@ def detect_gpu(vram_gib: float | None = None, num_gpus: int | None = None) -> Gp
     import torch
 
     available = torch.cuda.is_available()
-    count = num_gpus or (torch.cuda.device_count() if available else 1)
+    count = num_gpus if num_gpus is not None else (torch.cuda.device_count() if available else 1)
     if vram_gib is not None:
         name = torch.cuda.get_device_name(0) if available else "as stated (--vram-gb)"
         return GpuInfo(int(vram_gib * 1024**3), name, count, detected=False)
@@ -442,10 +443,15 @@ def recommend(
     """
     from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory, max_batch_size
 
-    if dataset_size < 1:
-        raise ColinternError(f"--dataset-size must be at least 1 (got {dataset_size}).")
+    check_option(vram_gib, "--vram-gb", gt=0)
+    check_option(num_gpus, "--num-gpus", kind=int, ge=1)
+    check_option(dataset_size, "--dataset-size", kind=int, ge=1)
+    field_bounds("model.max_num_visual_tokens").check(max_num_visual_tokens, "--max-num-visual-tokens", None, int)
+    check_option(query_tokens, "--query-tokens", kind=int, ge=1)
+    field_bounds("lora.dropout").check(lora_dropout, "--lora-dropout", None)
+    check_option(epochs, "--epochs", kind=int, ge=1)
     gpu = detect_gpu(vram_gib, num_gpus)
-    if gpu.vram_bytes <= 0 or gpu.count < 1:
+    if gpu.vram_bytes <= 0 or gpu.count < 1:  # a visible GPU reported no memory, or none is visible
         raise ColinternError("--vram-gb and --num-gpus must be positive.")
     probe = analyze_architecture(model, max_num_visual_tokens=max_num_visual_tokens)
     size = probe.backbone_params

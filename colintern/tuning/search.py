@@ -447,6 +447,7 @@ class SearchSettings:
 # ------------------------------------------------------------------------------------------------ optuna parts
 def open_storage(spec: str | None, output_dir: str | Path):
     """An Optuna storage from --storage: SQLite in output_dir by default, a database URL, or a journal file."""
+    import sqlalchemy.exc
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -471,8 +472,11 @@ def open_storage(spec: str | None, output_dir: str | Path):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(spec, heartbeat_interval=60, grace_period=180,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as error:
-        raise ColinternError(f"--storage {spec}: cannot open it ({error})") from error
+    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.ArgumentError) as error:
+        raise ColinternError(
+            f"--storage {spec}: cannot open it ({error}). Use a database URL (sqlite:///study.db, "
+            "postgresql://user@host/db with its driver installed) or a file path (.db: SQLite; other: a journal)."
+        ) from error
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):

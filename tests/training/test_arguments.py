@@ -93,3 +93,86 @@ def test_lora_targets_match_language_model_linears_only():
     assert re.fullmatch(LM_LINEAR_TARGETS, "language_model.layers.0.mlp.down_proj")
     assert not re.fullmatch(LM_LINEAR_TARGETS, "vision_tower.encoder.layer.0.attention.q_proj")
     assert not re.fullmatch(LM_LINEAR_TARGETS, "custom_text_proj")
+
+
+def test_every_numeric_field_declares_its_range():
+    """One validation layer: a number or a fixed set of words without declared limits would pass unchecked."""
+    import dataclasses
+    import typing
+
+    from colintern.cli import Limits
+    from colintern.training.arguments import _unwrap_optional
+
+    unchecked = []
+    for section in RunConfig.SECTIONS:
+        section_cls = type(getattr(RunConfig(), section))
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            tp, _ = _unwrap_optional(hints[f.name])
+            if tp in (int, float) and Limits.from_metadata(f.metadata) is None:
+                unchecked.append(f"{section}.{f.name}")
+    assert unchecked == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "-1", "--lr = -1.0: must be a finite number > 0"),
+        ("--lr", "nan", "--lr = nan: must be a finite number > 0"),
+        ("--max-grad-norm", "nan", "--max-grad-norm = nan: must be a finite number >= 0"),
+        ("--batch-size", "0", "--batch-size = 0: must be an integer >= 1"),
+        ("--grad-accum", "0", "--grad-accum = 0: must be an integer >= 1"),
+        ("--warmup-steps", "-5", "--warmup-steps = -5: must be an integer >= 0"),
+        ("--lora-rank", "0", "--lora-rank = 0: must be an integer >= 1"),
+        ("--lora-dropout", "2", "--lora-dropout = 2.0: must be a finite number in [0, 1)"),
+        ("--num-workers", "-1", "--num-workers = -1: must be an integer >= 0"),
+        ("--logging-steps", "0", "--logging-steps = 0: must be an integer >= 1"),
+        ("--max-num-visual-tokens", "0", "--max-num-visual-tokens = 0: must be an integer >= 1"),
+        ("--max-steps", "0", "--max-steps = 0: must be an integer >= 1, or -1"),
+        ("--epochs", "-1", "--epochs = -1.0: must be a finite number > 0"),
+        ("--scheduler", "bogus", "--scheduler = 'bogus': must be one of linear, cosine"),
+        ("--loss", "mse", "--loss = 'mse': must be one of colbert, pairwise"),
+        ("--bf16", "maybe", "--bf16 = 'maybe': must be one of auto, true, false"),
+    ],
+)
+def test_bad_flag_values_name_the_flag_value_and_range(flag, value, message):
+    with pytest.raises(ColinternError) as caught:
+        parse(["--preset", "demo", flag, value])
+    assert str(caught.value).startswith(message) and str(caught.value).endswith("(set on the command line)")
+
+
+def test_values_from_files_presets_and_advisor_json_pass_the_same_check(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: demo.yaml\ntraining: {max_steps: 0}\n")
+    with pytest.raises(ColinternError, match=r"^training.max_steps \(--max-steps\) = 0: .* \(set in .*bad.yaml\)$"):
+        parse(["--config", str(bad)])
+    advice = tmp_path / "advice.json"
+    advice.write_text(json.dumps({"learning_rate": 1e-4, "lora_dropout": 5}))
+    with pytest.raises(ColinternError, match=r"lora.dropout \(--lora-dropout\) = 5.0: .* \(set in --config-from .*"):
+        parse(["--config-from", str(advice)])
+    assert parse(["--preset", "demo", "--max-steps", "-1", "--eval-steps", "none"]).training.max_steps == -1
+    # a value a later source replaces is still checked: a bad preset or file is a bug to report, not to hide
+    with pytest.raises(ColinternError, match="bad.yaml"):
+        parse(["--config", str(bad), "--max-steps", "5"])
+
+
+@pytest.mark.parametrize("preset", ["colintern3_5-1b", "colintern3_5-1b_test", "demo", "demo_test"])
+def test_every_shipped_preset_passes_the_checks(preset):
+    assert parse(["--preset", preset]).preset == preset
+
+
+def test_a_non_utf8_config_file_is_named(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("training: {lr: 1.0e-3}  # café\n".encode("latin-1"))
+    with pytest.raises(ColinternError, match=r"latin.yaml is not UTF-8 text \(line 1: .*save it as UTF-8"):
+        parse(["--config", str(latin)])
+
+
+def test_script_flags_share_a_field_range():
+    from colintern.training.arguments import field_limits
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lora-dropout", type=float, **field_limits("lora.dropout"))
+    assert parser.parse_args(["--lora-dropout", "0.5"]).lora_dropout == 0.5
+    with pytest.raises(ColinternError, match=r"--lora-dropout = 1.0: must be a finite number in \[0, 1\)"):
+        parser.parse_args(["--lora-dropout", "1"])

@@ -1,8 +1,11 @@
 import math
 
 import numpy as np
+import pytest
 
-from colintern.training.lr_finder import find_lr, plot_lr_finder, suggest
+from colintern.training.arguments import RunConfig
+from colintern.training.lr_finder import LRFinderResult, find_lr, plot_lr_finder, suggest
+from colintern.utils import ColinternError
 
 from tests.training.test_trainer import small_run
 
@@ -29,3 +32,27 @@ def test_range_test_on_the_tiny_model_sweeps_exponentially_and_plots(colintern_h
     png = plot_lr_finder(result, tmp_path / "lr.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list((tmp_path / "lrf").glob("checkpoint-*"))  # the sweep saves nothing
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr_min": 0.0}, r"--lr-min = 0.0: must be a finite number > 0"),
+        ({"lr_min": 1.0, "lr_max": 1e-4}, r"--lr-max \(0.0001\) must be larger than --lr-min \(1\)"),
+        ({"steps": 5}, r"--steps = 5: must be an integer >= 13"),
+        ({"divergence": float("nan")}, r"--divergence = nan"),
+    ],
+)
+def test_a_bad_range_is_refused_before_any_step(kwargs, message, tmp_path):
+    """lr_min 0 divided by zero and an inverted range ran the whole sweep; now both stop before the model loads."""
+    config = RunConfig()
+    config.model.name_or_path = str(tmp_path / "no-model-needed")
+    with pytest.raises(ColinternError, match=message):
+        find_lr(config, **{"lr_min": 1e-6, "lr_max": 1.0, "steps": 20, **kwargs})
+
+
+def test_no_suggestion_says_why():
+    diverged = LRFinderResult(lrs=[1e-5, 1e-4, 1e-3], smoothed=[3, 2, 9], diverged_at=1e-3)
+    assert "stopped after 3 steps, diverging at 1.00e-03" in diverged.why_no_suggestion()
+    flat = LRFinderResult(lrs=list(np.logspace(-6, 0, 20)), smoothed=list(np.linspace(1, 5, 20)), min_loss_lr=1e-6)
+    assert "lowest at the start of the sweep" in flat.why_no_suggestion() and "--lr-min" in flat.why_no_suggestion()

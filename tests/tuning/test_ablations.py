@@ -42,7 +42,7 @@ def test_ablation_runs_logs_a_nan_variant_and_skips_finished_ones(colintern_home
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "scripts/ablate.py", "--base", "demo", "--name", "temp",
-        "--vary", "temperature=0.02,0.0",  # temperature 0 divides the scores by zero: a real NaN loss
+        "--vary", "temperature=0.02,1e-45",  # 1e-45 (float32 subnormal) overflows the scores: a real NaN loss
         "--dataset", str(small_synthdocs_dir), "--max-steps", "3", "--batch-size", "4", "--num-workers", "0",
         "--eval-steps", "3", "--save-steps", "3", "--benchmarks", str(small_synthdocs_dir),
         "--log", str(tmp_path / "log.jsonl"), "--output-root", str(tmp_path / "runs"),
@@ -54,10 +54,10 @@ def test_ablation_runs_logs_a_nan_variant_and_skips_finished_ones(colintern_home
     assert by_variant["temperature=0.02"]["status"] == "ok"
     assert by_variant["temperature=0.02"]["ndcg_at_5"] is not None
     assert by_variant["temperature=0.02"]["final_train_loss"] is not None
-    nan = by_variant["temperature=0.0"]
+    nan = by_variant["temperature=1e-45"]
     assert nan["status"] == "nan" and nan["nan"] and "nan" in nan["flags"]
     table = (tmp_path / "temp.md").read_text()
-    assert "| temperature=0.0 | nan |" in table and "| temperature=0.02 | ok |" in table
+    assert "| temperature=1e-45 | nan |" in table and "| temperature=0.02 | ok |" in table
 
     again = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

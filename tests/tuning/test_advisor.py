@@ -288,3 +288,27 @@ def test_largest_fitting_batch_is_monotone_in_memory_and_rank():
     assert batches == sorted(batches) and batches[0] >= 1
     assert largest_fitting_batch(ONE_B, 16, lora_rank=128) <= largest_fitting_batch(ONE_B, 16, lora_rank=8)
     assert largest_fitting_batch(ONE_B, 16, gradient_checkpointing=False) < batches[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_gpus": 0}, r"--num-gpus = 0: must be an integer >= 1"),  # was taken as 'the visible GPUs'
+        ({"lora_dropout": 5.0}, r"--lora-dropout = 5.0: must be a finite number in \[0, 1\)"),  # was written to JSON
+        ({"vram_gib": float("nan")}, r"--vram-gb = nan"),
+        ({"epochs": 0}, r"--epochs = 0: must be an integer >= 1"),
+        ({"query_tokens": 0}, r"--query-tokens = 0"),
+        ({"max_num_visual_tokens": 0}, r"--max-num-visual-tokens = 0"),
+    ],
+)
+def test_out_of_range_inputs_are_refused(kwargs, message):
+    with pytest.raises(ColinternError, match=message):
+        recommend(ONE_B, **{"vram_gib": 24, **kwargs})
+
+
+def test_script_refuses_a_bad_value_before_writing_json(capsys, tmp_path):
+    target = tmp_path / "advisor.json"
+    assert _run_script(["--model", ONE_B, "--lora-dropout", "5", "--output", str(target)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --lora-dropout = 5.0: must be a finite number in [0, 1) (set on the command line)")
+    assert not target.exists()

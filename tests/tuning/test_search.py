@@ -49,8 +49,8 @@ def space(**parameters) -> SearchSpace:
 
 
 LR = {"type": "float", "low": 1e-7, "high": 1e-2, "log": True}
-# temperature 0 divides the scores by zero: a real NaN loss
-TEMPERATURE = {"type": "categorical", "choices": [0.02, 0.0]}
+# temperature 1e-45 (a float32 subnormal) overflows the scores to inf: a real NaN loss (0 itself is refused up front)
+TEMPERATURE = {"type": "categorical", "choices": [0.02, 1e-45]}
 
 
 def assert_png(path):
@@ -127,7 +127,7 @@ def test_pruning_failed_trials_outputs_and_resume(colintern_home, small_synthdoc
     result = run_search(base, searched, settings, enqueue=[
         {"training.lr": 2e-3, "training.temperature": 0.02},  # learns: the median pruner's reference
         {"training.lr": 1e-7, "training.temperature": 0.02},  # learns nothing: pruned at its first evaluation
-        {"training.lr": 1e-3, "training.temperature": 0.0},  # NaN loss: failed, the study goes on
+        {"training.lr": 1e-3, "training.temperature": 1e-45},  # NaN loss: failed, the study goes on
     ])
     trials = result.study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
