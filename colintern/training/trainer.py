@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -257,17 +258,45 @@ class ColInternTrainer(Trainer):
                 "growth_limit": WEIGHT_GROWTH_LIMIT}
 
     def _save_checkpoint(self, model, trial):
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             remove_checkpoint_marker(folder)
         health = self._checkpoint_health()
-        super()._save_checkpoint(model, trial)
+        # transformers deletes old checkpoints right after writing the new one, before it is marked complete: a kill
+        # then could leave none complete. Here they are deleted once the new one is complete (`_rotate_checkpoints`).
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written
         if self.args.should_save:
             write_checkpoint_marker(folder, self.state.global_step, health)
             if not health["healthy"]:
                 logger.warning("%s is not healthy: %s.", folder.name, "; ".join(health["problems"]))
+            self._rotate_checkpoints(run_dir)
         self._bad_grad_norms, self._steps_since_save_from = 0, None
+
+    def _rotate_checkpoints(self, run_dir: Path) -> None:
+        """Keep at most --save-total-limit complete checkpoints, never deleting the newest, the best (when the best
+        model is kept) or the last healthy one; incomplete folders are left as they are."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        complete = [c for c in list_checkpoints(run_dir) if c.complete]
+        healthy = last_healthy_checkpoint(run_dir)
+        best = self.state.best_model_checkpoint
+        keep = {complete[-1].path} if complete else set()
+        keep |= {c.path for c in complete if (healthy and c.path == healthy.path) or (best and c.path == Path(best))}
+        excess = len(complete) - max(limit, len(keep))
+        for status in complete:
+            if excess <= 0:
+                break
+            if status.path not in keep:
+                logger.info("Deleting %s (--save-total-limit %d).", status.path, limit)
+                shutil.rmtree(status.path, ignore_errors=True)
+                excess -= 1
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from colintern.model.loading import check_adapter_checkpoint, load_checkpoint_weights

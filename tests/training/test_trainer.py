@@ -46,6 +46,11 @@ def adapter_weights(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
+def saved_weights(path, peft: bool):
+    """The trained weights a run or checkpoint folder holds: the adapter (LoRA) or the whole model (full training)."""
+    return load_file(str(path / ("adapter_model.safetensors" if peft else "model.safetensors")))
+
+
 def test_compact_multivectors_keeps_real_tokens_and_never_adds_a_new_max():
     x = torch.zeros(2, 6, 4)
     x[0, 2:5] = torch.nn.functional.normalize(-torch.rand(3, 4), dim=-1)  # 3 real tokens, all negative
@@ -161,21 +166,37 @@ class SignalAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(colintern_home, small_synthdocs_dir, tmp_path):
-    reference = train(small_run(tmp_path, small_synthdocs_dir, name="straight"))
+def full_run(tmp_path, dataset, name="run", **training) -> RunConfig:
+    """small_run with full fine-tuning, the vision tower included, as the demo preset trains."""
+    config = small_run(tmp_path, dataset, name=name, **training)
+    config.lora.enabled = False
+    config.training.train_vision = True
+    return config
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(colintern_home, small_synthdocs_dir, tmp_path, peft):
+    run = small_run if peft else full_run
+    weights_file = "adapter_model.safetensors" if peft else "model.safetensors"
+    reference = train(run(tmp_path, small_synthdocs_dir, name="straight"))
     assert reference.global_step == 6 and not reference.interrupted
 
-    stopped = train(small_run(tmp_path, small_synthdocs_dir, name="killed"), callbacks=[SignalAtStep(3)])
+    stopped = train(run(tmp_path, small_synthdocs_dir, name="killed"), callbacks=[SignalAtStep(3)])
     assert stopped.interrupted and stopped.global_step == 3
-    assert (stopped.output_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
-    assert not (stopped.output_dir / "adapter_model.safetensors").exists()  # no "final" adapter from a cut run
+    assert (stopped.output_dir / "checkpoint-3" / weights_file).is_file()
+    assert not (stopped.output_dir / weights_file).exists()  # no "final" adapter from a cut run
 
-    resumed = train(small_run(tmp_path, small_synthdocs_dir, name="killed", resume="latest"))
+    resumed = train(run(tmp_path, small_synthdocs_dir, name="killed", resume="latest"))
     assert resumed.global_step == 6 and not resumed.interrupted
-    expected, got = adapter_weights(reference.output_dir), adapter_weights(resumed.output_dir)
+    expected, got = saved_weights(reference.output_dir, peft), saved_weights(resumed.output_dir, peft)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    if not peft:
+        # Full training on the CPU resumes bit for bit (the language model used to restart from its initial weights,
+        # 1.2e-3 off after 12 demo steps); checked on every tensor, the language model's included.
+        assert any(key.startswith("language_model.") for key in expected)
+        assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home, small_synthdocs_dir, tmp_path):
@@ -195,6 +216,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home
 
     kinds = {finding.kind for finding in training_report(tmp_path / "nan").findings}
     assert "nan" in kinds
+
+
+class HugeLearningRateFrom(TrainerCallback):
+    """From step `step` on, the optimizer steps with learning rate `lr` (a divergence forced on a healthy run)."""
+
+    def __init__(self, step: int, lr: float):
+        self.step, self.lr = step, lr
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 >= self.step:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+
+
+def test_non_finite_loss_names_the_last_healthy_checkpoint_not_the_last_saved(
+    colintern_home, small_synthdocs_dir, tmp_path, caplog
+):
+    from colintern.model.checkpoints import last_healthy_checkpoint, list_checkpoints
+    from colintern.reports.training import training_report
+
+    # a checkpoint every step, two kept: rotation must keep the last healthy one, not the two newest
+    config = full_run(tmp_path, small_synthdocs_dir, name="diverged", save_steps=1, max_steps=8, save_total_limit=2)
+    with pytest.raises(NonFiniteLossError) as stopped, caplog.at_level("WARNING"):
+        train(config, callbacks=[HugeLearningRateFrom(3, 1e4)])
+    run_dir = tmp_path / "diverged"
+    # steps 1-2 train normally; step 3 makes the weights ~1e4 (finite, 1e4x the initial); later ones reach NaN
+    assert "checkpoint-3 is not healthy: weights up to" in caplog.text
+    kept = list_checkpoints(run_dir)
+    assert [c.step for c in kept][0] == 2 and kept[-1].step > 3 and all(c.complete for c in kept)
+    assert kept[0].healthy and kept[-1].healthy is False
+    assert last_healthy_checkpoint(run_dir).path == run_dir / "checkpoint-2"
+    message = str(stopped.value)
+    assert f"Last healthy checkpoint: {run_dir / 'checkpoint-2'}" in message
+    assert f"--resume {run_dir / 'checkpoint-2'}" in message and f"{kept[-1].path.name} is not" in message
+    initial = saved_weights(colintern_home / "tiny-internvl3_5", peft=False)
+    good, bad = saved_weights(kept[0].path, peft=False), saved_weights(kept[-1].path, peft=False)
+    assert max(v.abs().max().item() for v in good.values()) < 10 * max(v.abs().max().item() for v in initial.values())
+    assert not all(torch.isfinite(v).all() for v in bad.values()) or max(v.abs().max() for v in bad.values()) > 1e3
+    nan = next(f for f in training_report(run_dir).findings if f.kind == "nan")
+    assert "checkpoint-2," in nan.suggestion
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
