@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +257,122 @@ def test_non_finite_loss_names_the_last_healthy_checkpoint_not_the_last_saved(
     assert not all(torch.isfinite(v).all() for v in bad.values()) or max(v.abs().max() for v in bad.values()) > 1e3
     nan = next(f for f in training_report(run_dir).findings if f.kind == "nan")
     assert "checkpoint-2," in nan.suggestion
+
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(colintern_home, small_synthdocs_dir, tmp_path_factory):
+    """A LoRA run and a full-training run of 4 steps with checkpoints at steps 2 and 4 (copy before changing)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    for peft, run in ((True, small_run), (False, full_run)):
+        assert train(run(root, small_synthdocs_dir, name="lora" if peft else "full", max_steps=4)).global_step == 4
+    return root
+
+
+def copy_run(checkpointed_runs, tmp_path, name):
+    import shutil
+
+    return Path(shutil.copytree(checkpointed_runs / name, tmp_path / name))
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("change", ["removed", "added"])
+def test_resume_refuses_a_checkpoint_whose_tensors_do_not_match(
+    checkpointed_runs, small_synthdocs_dir, tmp_path, peft, change
+):
+    from safetensors.torch import save_file
+
+    from colintern.model.checkpoints import write_checkpoint_marker
+
+    name = "lora" if peft else "full"
+    run_dir = copy_run(checkpointed_runs, tmp_path, name)
+    checkpoint = run_dir / "checkpoint-4"
+    weights = saved_weights(checkpoint, peft)
+    if change == "removed":
+        victim = next(k for k in sorted(weights) if "layers.1.mlp.gate_proj" in k)
+        del weights[victim]
+        expected = r"1 of the (model|adapter)'s \d+ tensors are missing \(.*layers\.1\.mlp\.gate_proj"
+    else:
+        weights["language_model.model.layers.9.mlp.extra.weight"] = torch.zeros(2)
+        expected = r"1 tensors are not the (model|adapter)'s \(language_model\.model\.layers\.9\.mlp\.extra"
+    save_file(weights, str(checkpoint / ("adapter_model.safetensors" if peft else "model.safetensors")),
+              metadata={"format": "pt"})
+    write_checkpoint_marker(checkpoint, 4, {"healthy": True, "problems": []})  # complete, but not this model's
+    run = small_run if peft else full_run
+    config = run(tmp_path, small_synthdocs_dir, name=name, max_steps=6, resume=str(checkpoint))
+    with pytest.raises(ColinternError, match=f"Cannot resume from {re.escape(str(checkpoint))}: .*{expected}"):
+        train(config)
+
+
+def test_resume_latest_skips_incomplete_checkpoints_and_a_named_one_is_refused(checkpointed_runs, tmp_path, caplog):
+    from colintern.model.checkpoints import CHECKPOINT_MARKER
+    from colintern.training.trainer import resolve_resume
+
+    run_dir = copy_run(checkpointed_runs, tmp_path, "full")
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-4")
+    # a save cut short before its marker
+    (run_dir / "checkpoint-4" / CHECKPOINT_MARKER).unlink()
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-2")
+    assert f"skipping {run_dir / 'checkpoint-4'}, incomplete (no {CHECKPOINT_MARKER}" in caplog.text
+    with pytest.raises(ColinternError, match=r"checkpoint-4: incomplete checkpoint .* Use --resume .*checkpoint-2"):
+        resolve_resume(str(run_dir / "checkpoint-4"), run_dir)
+    # a file cut short after the marker was written (a copy interrupted, a full disk)
+    optimizer = run_dir / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    with pytest.raises(ColinternError, match=r"no complete checkpoint in .*checkpoint-2: optimizer.pt has \d+ bytes"):
+        resolve_resume("latest", run_dir)
+
+
+def test_checkpoints_from_before_markers_are_judged_by_their_files(checkpointed_runs, tmp_path):
+    from colintern.model.checkpoints import CHECKPOINT_MARKER
+    from colintern.training.trainer import resolve_resume
+
+    run_dir = copy_run(checkpointed_runs, tmp_path, "lora")
+    for marker in run_dir.glob(f"checkpoint-*/{CHECKPOINT_MARKER}"):
+        marker.unlink()
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-4")  # every file there and whole
+    weights = run_dir / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-2")
+    (run_dir / "checkpoint-2" / "rng_state.pth").unlink()
+    with pytest.raises(ColinternError, match=r"checkpoint-4: adapter_model.safetensors is cut short.*checkpoint-2: "
+                                             r"rng_state.pth missing"):
+        resolve_resume("latest", run_dir)
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint(
+    colintern_home, small_synthdocs_dir, tmp_path, caplog
+):
+    config = small_run(tmp_path, small_synthdocs_dir, name="sigkill")
+    # SIGKILL once the weights of checkpoint-4 are written, before its optimizer state: a save cut short
+    script = (
+        "import json, os, signal, sys\n"
+        "from transformers import Trainer\n"
+        "from colintern.training.arguments import RunConfig\n"
+        "from colintern.training.trainer import train\n"
+        "save = Trainer._save_optimizer_and_scheduler\n"
+        "def killed(self, output_dir):\n"
+        "    if self.state.global_step == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(self, output_dir)\n"
+        "Trainer._save_optimizer_and_scheduler = killed\n"
+        "train(RunConfig.from_dict(json.loads(sys.argv[1])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(config.to_dict())], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    out = tmp_path / "sigkill"
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()  # half there
+    config.training.resume = "latest"
+    with caplog.at_level("INFO"):
+        resumed = train(config)
+    assert f"skipping {out / 'checkpoint-4'}, incomplete" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert resumed.global_step == 6 and not resumed.interrupted
+    from colintern.model.checkpoints import list_checkpoints
+
+    assert [(c.step, c.complete) for c in list_checkpoints(out)] == [(2, True), (4, True), (6, True)]
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
