@@ -11,6 +11,10 @@ folders, the id for Hub models) and a revision (a content hash of the weights an
 retrained model never reuses the results of an earlier one; the commit for Hub models). `check_trained_head` refuses
 a model whose projection head was never trained: the upstream failure where LoRA weights are evaluated on a freshly
 initialised head and score at chance.
+
+Training checkpoints (checkpoint-N/ in a run directory) count only once their completion marker is written, last:
+`inspect_checkpoint`, `latest_complete_checkpoint` (what `--resume latest` takes) and `last_healthy_checkpoint` (what a
+NaN stop and the training report name).
 """
 
 from __future__ import annotations
