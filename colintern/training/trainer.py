@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from colintern.model.checkpoints import (
+    checkpoint_step,
     inspect_checkpoint,
     last_healthy_checkpoint,
     latest_complete_checkpoint,
@@ -576,9 +577,10 @@ def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
             )
         _warn_if_unhealthy(chosen, output_dir)
         return str(chosen.path)
-    if not Path(resume).is_dir() or not (Path(resume) / "trainer_state.json").is_file():
+    folder = Path(resume)
+    if not folder.is_dir() or not ((folder / "trainer_state.json").is_file() or checkpoint_step(folder) is not None):
         raise ColinternError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
-    status = inspect_checkpoint(resume)
+    status = inspect_checkpoint(folder)
     if not status.complete:
         latest, _ = latest_complete_checkpoint(Path(resume).parent)
         instead = f"--resume {latest.path}" if latest else "a fresh run (no --resume)"

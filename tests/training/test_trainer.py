@@ -316,6 +316,9 @@ def test_resume_latest_skips_incomplete_checkpoints_and_a_named_one_is_refused(c
     assert f"skipping {run_dir / 'checkpoint-4'}, incomplete (no {CHECKPOINT_MARKER}" in caplog.text
     with pytest.raises(ColinternError, match=r"checkpoint-4: incomplete checkpoint .* Use --resume .*checkpoint-2"):
         resolve_resume(str(run_dir / "checkpoint-4"), run_dir)
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # cut before the Trainer wrote its state
+    with pytest.raises(ColinternError, match=r"checkpoint-4: incomplete checkpoint \(no colintern_checkpoint.json"):
+        resolve_resume(str(run_dir / "checkpoint-4"), run_dir)
     # a file cut short after the marker was written (a copy interrupted, a full disk)
     optimizer = run_dir / "checkpoint-2" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
