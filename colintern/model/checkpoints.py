@@ -11,6 +11,10 @@ folders, the id for Hub models) and a revision (a content hash of the weights an
 retrained model never reuses the results of an earlier one; the commit for Hub models). `check_trained_head` refuses
 a model whose projection head was never trained: the upstream failure where LoRA weights are evaluated on a freshly
 initialised head and score at chance.
+
+Training checkpoints (checkpoint-N/ in a run directory) count only once their completion marker is written, last:
+`inspect_checkpoint`, `latest_complete_checkpoint` (what `--resume latest` takes) and `last_healthy_checkpoint` (what a
+NaN stop and the training report name).
 """
 
 from __future__ import annotations
@@ -332,3 +336,218 @@ def training_datasets(info: CheckpointInfo) -> set[str] | None:
         ):
             tasks.add("SynthDocsRetrieval")
     return tasks
+
+
+# ---------------------------------------------------------------------------------------------------- completeness
+# A training checkpoint (checkpoint-N/ in a run directory) counts only once this marker exists: the trainer writes it
+# last, after every file of the checkpoint is written and flushed to disk, with the size of each file and the health
+# of the weights. A kill during a save therefore leaves a folder without a marker, which resume and the reports skip.
+CHECKPOINT_MARKER = "colintern_checkpoint.json"
+MARKER_FORMAT = 1
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_FILE = "trainer_state.json"
+# What transformers' Trainer writes into every checkpoint besides the weights (save_only_model is never set here).
+TRAINER_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", TRAINER_STATE_FILE)
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """A training checkpoint folder as found on disk.
+
+    Attributes:
+        path: the checkpoint-N folder.
+        step: N.
+        complete: its marker is there and every file it lists has the recorded size, or (a checkpoint written before
+            markers existed) every expected file is present and whole.
+        problem: why it is incomplete (None when complete).
+        marked: whether it has a completion marker.
+        healthy: what the marker recorded about the weights (finite, finite gradient norms since the previous save,
+            no runaway growth); None when unknown (no marker).
+        health: the marker's health record ({} without a marker).
+    """
+
+    path: Path
+    step: int
+    complete: bool
+    problem: str | None
+    marked: bool
+    healthy: bool | None
+    health: dict = field(default_factory=dict, compare=False)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    match = CHECKPOINT_DIR.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKPOINT_MARKER)
+
+
+def remove_checkpoint_marker(folder: Path) -> None:
+    """Before saving into `folder` again: an old marker must not vouch for files being replaced."""
+    (Path(folder) / CHECKPOINT_MARKER).unlink(missing_ok=True)
+
+
+def write_checkpoint_marker(folder: Path, step: int, health: dict) -> None:
+    """Mark `folder` complete: flush every file in it to disk, then write the marker (atomically, last)."""
+    import os
+
+    from colintern.utils import atomic_write_json
+
+    folder = Path(folder)
+    files = {}
+    for path in _checkpoint_files(folder):
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    atomic_write_json(folder / CHECKPOINT_MARKER, {"format": MARKER_FORMAT, "step": step, "files": files,
+                                                   "health": health})
+
+
+def read_checkpoint_marker(folder: Path) -> dict | None:
+    """The marker of `folder` (None without one); raises ValueError or TypeError when it is unreadable."""
+    path = Path(folder) / CHECKPOINT_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"unreadable {CHECKPOINT_MARKER}: {error}") from error
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise TypeError(f"{CHECKPOINT_MARKER} is not a colintern checkpoint marker")
+    return marker
+
+
+def _zip_problem(path: Path) -> str | None:
+    """torch.save writes zip archives whose central directory comes last: a cut file has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"{path.name} is cut short or damaged ({error})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors header names the byte range of every tensor: the file must reach the last one."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + length + end:
+            return f"{path.name} is cut short ({path.stat().st_size} bytes, its header needs {8 + length + end})"
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"{path.name} is cut short or damaged ({error})"
+    return None
+
+
+def _unmarked_checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint without a marker is not whole (None: every file the Trainer writes is present and whole).
+
+    Checkpoints of runs from before the marker existed are accepted this way; the Trainer writes trainer_state.json
+    after the weights, optimizer, scheduler and RNG state, so a save cut short lacks it or leaves a file cut short.
+    """
+    weights = [folder / name for name in (*MODEL_WEIGHT_FILES, *ADAPTER_WEIGHT_FILES) if (folder / name).is_file()]
+    if not weights:
+        return "no model or adapter weights"
+    missing = [name for name in TRAINER_CHECKPOINT_FILES if not (folder / name).is_file()]
+    if not list(folder.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        json.loads((folder / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{TRAINER_STATE_FILE} is cut short or damaged ({error})"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"{index.name} is cut short or damaged ({error})"
+        weights += [folder / shard for shard in sorted(shards)]
+    for path in [*weights, *folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]:
+        if not path.is_file():
+            return f"{path.name} missing"
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            problem = _zip_problem(path)
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def inspect_checkpoint(folder: str | Path) -> CheckpointStatus:
+    """Whether the training checkpoint `folder` is complete (and what its marker says about its health).
+
+    A checkpoint without a marker is judged by its files only when no earlier checkpoint of the same run has a
+    marker: it was written before colintern wrote markers. Otherwise the run was writing markers, and the missing
+    one means the save never finished.
+    """
+    folder = Path(folder)
+    step = checkpoint_step(folder)
+    step = -1 if step is None else step
+    try:
+        marker = read_checkpoint_marker(folder)
+    except (ValueError, TypeError) as error:
+        return CheckpointStatus(folder, step, False, str(error), True, None)
+    if marker is None:
+        earlier_marked = [
+            p.name for p in folder.parent.glob("checkpoint-*")
+            if (s := checkpoint_step(p)) is not None and s < step and (p / CHECKPOINT_MARKER).is_file()
+        ]
+        if earlier_marked:
+            problem = f"no {CHECKPOINT_MARKER}: the save did not finish"
+        else:
+            problem = _unmarked_checkpoint_problem(folder)
+        return CheckpointStatus(folder, step, problem is None, problem, False, None)
+    for name, size in marker["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return CheckpointStatus(folder, step, False, f"{name} missing", True, None)
+        if path.stat().st_size != size:
+            return CheckpointStatus(
+                folder, step, False, f"{name} has {path.stat().st_size} bytes, {size} were saved", True, None
+            )
+    health = marker.get("health") if isinstance(marker.get("health"), dict) else {}
+    healthy = health.get("healthy")
+    return CheckpointStatus(folder, step, True, None, True, healthy if isinstance(healthy, bool) else None, health)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointStatus]:
+    """Every checkpoint-N folder of `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    folders = [p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return [inspect_checkpoint(p) for p in sorted(folders, key=checkpoint_step)]
+
+
+def latest_complete_checkpoint(run_dir: str | Path) -> tuple[CheckpointStatus | None, list[CheckpointStatus]]:
+    """The newest complete checkpoint of `run_dir` (None if none) and the newer incomplete ones passed over."""
+    skipped: list[CheckpointStatus] = []
+    for status in reversed(list_checkpoints(run_dir)):
+        if status.complete:
+            return status, skipped
+        skipped.append(status)
+    return None, skipped
+
+
+def last_healthy_checkpoint(run_dir: str | Path, before_step: int | None = None) -> CheckpointStatus | None:
+    """The newest complete checkpoint whose weights were healthy when saved (unknown health, from before markers
+    existed, counts as healthy), optionally only those before `before_step`."""
+    for status in reversed(list_checkpoints(run_dir)):
+        if before_step is not None and status.step >= before_step:
+            continue
+        if status.complete and status.healthy is not False:
+            return status
+    return None

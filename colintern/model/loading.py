@@ -9,6 +9,7 @@ One function per thing a user points at:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,114 @@ def load_retriever(
     model._colintern_source = str(path)
     processor_source = path if has_processor_files(path) else (base_model or info.base_model)
     return model.eval(), load_processor(processor_source, max_num_visual_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+def _list_names(names, limit: int = 6) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _read_full_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"), device="cpu")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(folder / shard), device="cpu"))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    kind = "a LoRA adapter (train with --peft to resume it)" if is_adapter_dir(folder) else "no weights"
+    raise ColinternError(f"Cannot resume from {folder}: it holds no full-model weights (model.safetensors) but {kind}.")
+
+
+def load_checkpoint_weights(model, folder: str | Path) -> None:
+    """Copy the full-model weights saved in `folder` into `model`, in place (the optimizer keeps its parameters).
+
+    Checkpoint names are mapped to the model's exactly as `ColIntern3_5.from_pretrained` maps them (`save_pretrained`
+    writes the legacy `language_model.model.*` layout: a plain `load_state_dict` matches none of the language model's
+    tensors). Every tensor of the model must come from the checkpoint and every tensor of the checkpoint must land in
+    the model, with its shape; otherwise a ColinternError names them and nothing is loaded.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from colintern.model.modeling import CHECKPOINT_KEY_MAPPING
+
+    folder = Path(folder)
+    saved = _read_full_weights(folder)
+    conversions = get_model_conversion_mapping(model, key_mapping=dict(CHECKPOINT_KEY_MAPPING))
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    expected = model.state_dict()
+    ignored = [re.compile(pattern) for pattern in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    state, unexpected, mismatched, mismatched_names = {}, [], [], set()
+    for key, tensor in saved.items():
+        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if name not in expected and key in expected:  # as from_pretrained: a name that needed no renaming
+            name, converter = key, None
+        if converter is not None:  # fusing/splitting conversions cannot be copied in place
+            raise ColinternError(f"Cannot resume from {folder}: {key} needs a weight conversion ({converter}).")
+        if name not in expected:
+            if not any(pattern.search(name) for pattern in ignored):
+                unexpected.append(key)
+        elif tensor.shape != expected[name].shape:
+            mismatched.append(f"{key} {tuple(tensor.shape)} (model: {tuple(expected[name].shape)})")
+            mismatched_names.add(name)
+        else:
+            state[name] = tensor
+    missing = sorted(set(expected) - set(state) - mismatched_names)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the model's {len(expected)} tensors are missing ({_list_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors are not the model's ({_list_names(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} have another shape ({_list_names(mismatched, 3)})")
+    if problems:
+        raise ColinternError(
+            f"Cannot resume from {folder}: its weights do not match the model being trained: {'; '.join(problems)}. "
+            "The checkpoint is damaged or comes from another model or configuration; resume from another "
+            "checkpoint or start without --resume."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def check_adapter_checkpoint(model, folder: str | Path) -> None:
+    """Refuse an adapter checkpoint whose tensors are not exactly those the PEFT `model` saves (peft would only warn
+    and keep its initial values for what is missing)."""
+    from peft import get_peft_model_state_dict
+
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+            saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    elif (folder / "adapter_model.bin").is_file():
+        saved = {k: tuple(v.shape) for k, v in torch.load(folder / "adapter_model.bin", weights_only=True).items()}
+    else:
+        kind = "full-model weights (train without --peft to resume it)" if (folder / "config.json").is_file() else (
+            "no weights")
+        raise ColinternError(f"Cannot resume from {folder}: it holds no adapter (adapter_model.safetensors) but {kind}.")
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
+    mismatched = [f"{k} {saved[k]} (model: {expected[k]})" for k in set(saved) & set(expected) if saved[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the adapter's {len(expected)} tensors are missing ({_list_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors are not the adapter's ({_list_names(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} have another shape ({_list_names(mismatched, 3)})")
+    if problems:
+        raise ColinternError(
+            f"Cannot resume from {folder}: its adapter does not match the one being trained: {'; '.join(problems)}. "
+            "The checkpoint is damaged or was trained with other LoRA settings (--lora-rank, target modules, "
+            "--train-vision); resume from another checkpoint or start without --resume."
+        )

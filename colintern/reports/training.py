@@ -481,7 +481,7 @@ def diagnose(
     settings = settings or RunSettings()
     findings: list[Finding] = []
     first_bad = _non_finite(history, settings, findings, run_dir)
-    findings += _completion(history)
+    findings += _completion(history, run_dir)
 
     # Trends are judged on the part of the run before anything became NaN.
     keep = np.isfinite(history.loss) & (history.loss_steps < first_bad if first_bad is not None else True)
@@ -538,13 +538,12 @@ def _non_finite(
     lower = f"lower the learning rate (e.g. {lr:.2g} -> {lr / 3:.2g})" if lr else "lower the learning rate 2-5x"
     resume = ""
     if run_dir is not None:
-        good = [
-            int(m.group(1))
-            for p in Path(run_dir).glob("checkpoint-*")
-            if (m := re.search(r"checkpoint-(\d+)$", p.name)) and int(m.group(1)) < first_step
-        ]
-        if good:
-            resume = f"; restart from checkpoint-{max(good)}, the last one before the NaN, with those changes"
+        from colintern.model.checkpoints import last_healthy_checkpoint
+
+        # complete and healthy when saved (finite weights and gradient norms, no runaway growth), before the NaN
+        good = last_healthy_checkpoint(_checkpoints_dir(run_dir), before_step=first_step)
+        if good is not None:
+            resume = f"; restart from {good.path.name}, the last healthy one before the NaN, with those changes"
     findings.append(
         Finding(
             "nan",
@@ -559,18 +558,35 @@ def _non_finite(
     return first_step
 
 
-def _completion(history: TrainingHistory) -> list[Finding]:
+def _checkpoints_dir(run_dir: Path) -> Path:
+    """Where a run's checkpoint-N folders are (the report may be given one of them)."""
+    return run_dir.parent if re.fullmatch(r"checkpoint-\d+", run_dir.name) else run_dir
+
+
+def _completion(history: TrainingHistory, run_dir: Path | None = None) -> list[Finding]:
     if history.finished or not history.max_steps or history.global_step >= history.max_steps:
         return []
     where = " (read from the newest checkpoint)" if history.from_checkpoint else ""
+    resume = "resume it from its last checkpoint (python scripts/train.py ... --resume latest)"
+    if run_dir is not None:
+        from colintern.model.checkpoints import latest_complete_checkpoint
+
+        # only a complete checkpoint (its save finished) can be resumed; --resume latest skips the others
+        latest, skipped = latest_complete_checkpoint(_checkpoints_dir(run_dir))
+        passed = f", passing over the incomplete {', '.join(s.path.name for s in skipped)}" if skipped else ""
+        if latest is not None:
+            resume = (f"resume it from its last complete checkpoint, {latest.path.name} (python scripts/train.py ... "
+                      f"--resume latest{passed})")
+        else:
+            incomplete = f" ({', '.join(s.path.name for s in skipped)} never finished saving)" if skipped else ""
+            resume = f"it has no complete checkpoint to resume from{incomplete}: train it again"
     return [
         Finding(
             "incomplete",
             "warning",
             f"the run stopped at step {history.global_step} of {history.max_steps} "
             f"({100 * history.global_step / history.max_steps:.0f}%){where}",
-            "resume it from its last checkpoint (python scripts/train.py ... --resume latest) before judging the "
-            "model; the findings below cover only the steps so far",
+            f"{resume} before judging the model; the findings below cover only the steps so far",
             steps=[history.global_step],
         )
     ]

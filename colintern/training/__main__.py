@@ -11,8 +11,9 @@
     accelerate launch --num_processes 4 scripts/train.py --peft
 
 The run directory gets the resolved configuration (colintern_run.json), a data report, checkpoint-*/ folders
-(adapter or model, optimizer, scheduler, RNG state, trainer_state.json), and at the end the final adapter (or model)
-and processor at its top. Ctrl-C or SIGTERM saves a checkpoint before stopping.
+(adapter or model, optimizer, scheduler, RNG state, trainer_state.json, and last colintern_checkpoint.json, which
+marks it complete), and at the end the final adapter (or model) and processor at its top. Ctrl-C or SIGTERM saves a
+checkpoint before stopping.
 """
 
 from __future__ import annotations

@@ -10,14 +10,18 @@ What this adds to a plain Trainer:
   * In-batch negatives gathered from every DDP rank (differentiably), hard negatives when the data has them.
   * Page embeddings compacted to their image tokens before the loss, padded by repeating a real token (which never
     changes a max), so padding can never win MaxSim even when every real similarity is negative.
-  * Guards: data validated before the first step; a non-finite loss stops before the weights are touched, keeping
-    the last good checkpoint; SIGINT/SIGTERM save a checkpoint and stop cleanly; `--resume latest` continues.
+  * Guards: data validated before the first step; a non-finite loss stops before the weights are touched, naming
+    the last healthy checkpoint; SIGINT/SIGTERM save a checkpoint and stop cleanly; `--resume latest` continues
+    from the newest complete checkpoint (each is marked complete last, with the health of its weights), loading
+    the weights through the same key mapping as `from_pretrained` and refusing any missing or unexpected tensor.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -27,8 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from colintern.model.checkpoints import (
+    checkpoint_step,
+    inspect_checkpoint,
+    last_healthy_checkpoint,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    remove_checkpoint_marker,
+    write_checkpoint_marker,
+)
 from colintern.training.arguments import RunConfig
 from colintern.utils import RUN_CONFIG_FILE, ColinternError
 
@@ -37,6 +50,10 @@ logger = logging.getLogger(__name__)
 NEGATIVE_LOSSES = {"negative-ce", "pairwise-negative-ce"}
 # the loss a hard-negative loss falls back to on batches without negatives (the evaluation split has none)
 IN_BATCH_EQUIVALENT = {"negative-ce": "colbert", "pairwise-negative-ce": "pairwise"}
+# A checkpoint whose largest trainable weight grew more than this factor over the run's initial model is unhealthy
+# (a divergence, though still finite). Measured on the demo model (initial max |w| 1.0): lr 1 for 30 steps, far too
+# high, ends at 9.1; lr 1e3 and 1e4 reach 1e3 and 1e4 after one step, then NaN.
+WEIGHT_GROWTH_LIMIT = 100.0
 
 
 class NonFiniteLossError(ColinternError):
@@ -151,6 +168,11 @@ class ColInternTrainer(Trainer):
         self.retrieval_eval = retrieval_eval
         # the loss is a mean over the batch: let the Trainer divide by the accumulation steps
         self.model_accepts_loss_kwargs = False
+        # health of the steps since the last checkpoint (see `_checkpoint_health`)
+        self._initial_max_abs: float | None = None
+        self._bad_grad_norms: torch.Tensor | int = 0
+        self._grad_norm_step = -1
+        self._steps_since_save_from: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         query_inputs = _prefixed(inputs, "query_")
@@ -169,12 +191,14 @@ class ColInternTrainer(Trainer):
             loss = self.in_batch_loss_fn(queries, all_pages, offset=offset)
         if not torch.isfinite(loss):
             self._record_non_finite(loss)
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            healthy = last_healthy_checkpoint(self.args.output_dir)
+            last = str(healthy.path) if healthy else None
             raise NonFiniteLossError(
                 f"The loss became {loss.item()} at step {self.state.global_step + 1} (learning rate "
-                f"{self._current_lr():.3g}); training stopped before the weights were updated. Last good checkpoint: "
-                f"{last or 'none yet'}. Lower --lr, raise --warmup-steps, or check the data; continue with "
-                f"--resume {last or 'latest'}."
+                f"{self._current_lr():.3g}); training stopped before the weights were updated. Last healthy "
+                f"checkpoint: {last or 'none yet'}{self._unhealthy_since(healthy)}. Lower --lr, raise "
+                f"--warmup-steps, or check the data; continue with "
+                f"{f'--resume {last}' if last else 'a fresh run (no --resume)'}."
             )
         return (loss, (queries, pages)) if return_outputs else loss
 
@@ -187,6 +211,123 @@ class ColInternTrainer(Trainer):
              "epoch": self.state.epoch, "stopped": "non-finite loss"}
         )
         self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+
+    def _unhealthy_since(self, healthy) -> str:
+        """' (checkpoint-N: why, ...)' for the checkpoints saved after the last healthy one."""
+        after = [c for c in list_checkpoints(self.args.output_dir)
+                 if c.complete and c.healthy is False and (healthy is None or c.step > healthy.step)]
+        if not after:
+            return ""
+        return " (" + "; ".join(f"{c.path.name} is not: {', '.join(c.health.get('problems', []))}" for c in after) + ")"
+
+    # ---------------------------------------------------------------- checkpoints: completeness, health, resuming
+    def train(self, *args, **kwargs):
+        # before any checkpoint is loaded: the run's initial weights, the reference for their growth
+        self._initial_max_abs = self._max_abs_trainable()
+        return super().train(*args, **kwargs)
+
+    def _max_abs_trainable(self) -> float:
+        """The largest |value| of the trainable weights (NaN or inf when any is not finite)."""
+        peaks = [p.detach().abs().amax().float().cpu() for p in self.model.parameters() if p.requires_grad and p.numel()]
+        return float(torch.stack(peaks).max()) if peaks else 0.0
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # called once per optimizer step with that step's gradient norm (and again at an epoch's end: counted once)
+        if grad_norm is not None and self.state.global_step != self._grad_norm_step:
+            self._grad_norm_step = self.state.global_step
+            if self._steps_since_save_from is None:
+                self._steps_since_save_from = self.state.global_step
+            if isinstance(grad_norm, torch.Tensor):  # stays on the device: no synchronisation per step
+                self._bad_grad_norms = self._bad_grad_norms + (~torch.isfinite(grad_norm.detach())).sum()
+            elif not math.isfinite(float(grad_norm)):
+                self._bad_grad_norms = self._bad_grad_norms + 1
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _checkpoint_health(self) -> dict:
+        """Whether the weights about to be saved are healthy: finite, no non-finite gradient norm since the previous
+        checkpoint, and their largest value within WEIGHT_GROWTH_LIMIT times the run's initial one. (Every loss
+        until now was finite: a non-finite one stops training before any step or save.)"""
+        bad = int(self._bad_grad_norms)
+        peak = self._max_abs_trainable()
+        initial = self._initial_max_abs if self._initial_max_abs is not None else peak
+        problems = []
+        if bad:
+            problems.append(f"{bad} non-finite gradient norm(s) since the previous checkpoint")
+        if not math.isfinite(peak):
+            problems.append("non-finite weights")
+        elif initial > 0 and peak > WEIGHT_GROWTH_LIMIT * initial:
+            problems.append(f"weights up to {peak:.3g}, {peak / initial:.0f}x the initial {initial:.3g}")
+        first = self._steps_since_save_from if self._steps_since_save_from is not None else self.state.global_step
+        return {"healthy": not problems, "problems": problems, "steps": [first, self.state.global_step],
+                "non_finite_grad_norms": bad, "max_abs_weight": peak, "initial_max_abs_weight": initial,
+                "growth_limit": WEIGHT_GROWTH_LIMIT}
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            remove_checkpoint_marker(folder)
+        health = self._checkpoint_health()
+        # transformers deletes old checkpoints right after writing the new one, before it is marked complete: a kill
+        # then could leave none complete. Here they are deleted once the new one is complete (`_rotate_checkpoints`).
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written
+        if self.args.should_save:
+            write_checkpoint_marker(folder, self.state.global_step, health)
+            if not health["healthy"]:
+                logger.warning("%s is not healthy: %s.", folder.name, "; ".join(health["problems"]))
+            self._rotate_checkpoints(run_dir)
+        self._bad_grad_norms, self._steps_since_save_from = 0, None
+
+    def _rotate_checkpoints(self, run_dir: Path) -> None:
+        """Keep at most --save-total-limit complete checkpoints, never deleting the newest, the best (when the best
+        model is kept) or the last healthy one; incomplete folders are left as they are."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        complete = [c for c in list_checkpoints(run_dir) if c.complete]
+        healthy = last_healthy_checkpoint(run_dir)
+        best = self.state.best_model_checkpoint
+        keep = {complete[-1].path} if complete else set()
+        keep |= {c.path for c in complete if (healthy and c.path == healthy.path) or (best and c.path == Path(best))}
+        excess = len(complete) - max(limit, len(keep))
+        for status in complete:
+            if excess <= 0:
+                break
+            if status.path not in keep:
+                logger.info("Deleting %s (--save-total-limit %d).", status.path, limit)
+                shutil.rmtree(status.path, ignore_errors=True)
+                excess -= 1
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from colintern.model.loading import check_adapter_checkpoint, load_checkpoint_weights
+
+        target = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if _is_peft(target):
+            check_adapter_checkpoint(target, resume_from_checkpoint)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers would load_state_dict(strict=False) without the key mapping: the language model stays at init
+        load_checkpoint_weights(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self):
+        from colintern.model.loading import check_adapter_checkpoint, load_checkpoint_weights
+
+        best = self.state.best_model_checkpoint
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        if _is_peft(self.model):
+            check_adapter_checkpoint(self.model, best)
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (score: %s).", best, self.state.best_metric)
+        load_checkpoint_weights(self.model, best)
+        return None
 
     def _current_lr(self) -> float:
         try:
@@ -206,6 +347,12 @@ class ColInternTrainer(Trainer):
             for name, value in self.retrieval_eval(self.model).items():
                 output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
@@ -454,16 +601,44 @@ def _wandb_logged_in() -> bool:
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
+    """The checkpoint folder to resume from: `latest` is the newest complete checkpoint-N of `output_dir` (newer
+    incomplete ones, left by a save that never finished, are skipped with a warning); an explicit folder must be
+    complete."""
     if not resume:
         return None
     if resume == "latest":
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise ColinternError(f"--resume latest: no checkpoint-* folder in {output_dir} (start without --resume)")
-        return last
-    if not Path(resume).is_dir() or not (Path(resume) / "trainer_state.json").is_file():
+        chosen, skipped = latest_complete_checkpoint(output_dir)
+        for status in skipped:
+            logger.warning("--resume latest: skipping %s, incomplete (%s).", status.path, status.problem)
+        if chosen is None:
+            if not skipped:
+                raise ColinternError(f"--resume latest: no checkpoint-* folder in {output_dir} (start without --resume)")
+            raise ColinternError(
+                f"--resume latest: no complete checkpoint in {output_dir}: "
+                + "; ".join(f"{s.path.name}: {s.problem}" for s in skipped) + ". Start without --resume."
+            )
+        _warn_if_unhealthy(chosen, output_dir)
+        return str(chosen.path)
+    folder = Path(resume)
+    if not folder.is_dir() or not ((folder / "trainer_state.json").is_file() or checkpoint_step(folder) is not None):
         raise ColinternError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json)")
+    status = inspect_checkpoint(folder)
+    if not status.complete:
+        latest, _ = latest_complete_checkpoint(Path(resume).parent)
+        instead = f"--resume {latest.path}" if latest else "a fresh run (no --resume)"
+        raise ColinternError(
+            f"--resume {resume}: incomplete checkpoint ({status.problem}); its save did not finish. Use {instead}."
+        )
+    _warn_if_unhealthy(status, Path(resume).parent)
     return resume
+
+
+def _warn_if_unhealthy(status, run_dir: Path) -> None:
+    if status.healthy is not False:
+        return
+    healthy = last_healthy_checkpoint(run_dir, before_step=status.step)
+    logger.warning("Resuming from %s, whose weights were not healthy when saved (%s); the last healthy one is %s.",
+                   status.path, "; ".join(status.health.get("problems", [])), healthy.path if healthy else "none")
 
 
 def check_launch() -> None:
@@ -608,7 +783,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     trainer, stop, output_dir = run.trainer, run.stop, run.output_dir
     if run.resume:
         logger.info("Resuming from %s", run.resume)
-    elif get_last_checkpoint(str(output_dir)):
+    elif list_checkpoints(output_dir):
         logger.warning("%s already has checkpoints; this run starts over. Pass --resume latest to continue.", output_dir)
 
     stop.install()
@@ -623,8 +798,9 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
 
     interrupted = stop.requested is not None
     if interrupted:
+        latest, _ = latest_complete_checkpoint(output_dir)
         logger.warning("Stopped by %s at step %d. Checkpoint: %s. Continue with --resume latest.",
-                       stop.requested, trainer.state.global_step, get_last_checkpoint(str(output_dir)))
+                       stop.requested, trainer.state.global_step, latest.path if latest else "none")
     else:
         trainer.save_model(str(output_dir))  # adapter (or full model) + processor at the top of the run directory
         trainer.save_metrics("train", metrics)

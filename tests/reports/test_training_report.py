@@ -104,6 +104,19 @@ def write_run(
     return run_dir
 
 
+def saved_checkpoint(run_dir: Path, step: int, healthy: bool = True) -> Path:
+    """A checkpoint-N folder marked complete as the trainer marks it (write_checkpoint_marker, written last), with
+    the health the trainer records."""
+    from colintern.model.checkpoints import write_checkpoint_marker
+
+    folder = run_dir / f"checkpoint-{step}"
+    folder.mkdir()
+    TrainerState(global_step=step).save_to_json(str(folder / "trainer_state.json"))
+    problems = [] if healthy else ["weights up to 2.1e+04, 21000x the initial 1"]
+    write_checkpoint_marker(folder, step, {"healthy": healthy, "problems": problems})
+    return folder
+
+
 def noise(seed: int, scale: float):
     rng = np.random.default_rng(seed)
     table = rng.normal(0, scale, 100_000)
@@ -154,7 +167,7 @@ def test_nan_run_is_a_failure_that_names_the_step_and_the_fix(tmp_path):
 
     config = RunConfig.from_dict({"training": {"warmup_steps": 25, "lr": 5e-4}}).to_dict()
     run_dir = write_run(tmp_path / "nan", loss, grad_at=grad, peak_lr=5e-4, config=config)
-    (run_dir / "checkpoint-200").mkdir()
+    saved_checkpoint(run_dir, 200)
     report = training_report(run_dir)
     assert report.verdict == "failed"
     assert report.kinds[0] == "nan"
@@ -164,6 +177,33 @@ def test_nan_run_is_a_failure_that_names_the_step_and_the_fix(tmp_path):
     assert "0.0005 -> 0.00017" in nan.suggestion
     assert "grad_norm_spikes" in report.kinds or "grad_norm_growing" in report.kinds
     assert report.epochs[2].non_finite > 0
+
+
+def test_nan_run_names_the_last_healthy_complete_checkpoint(tmp_path):
+    def loss(step):
+        return math.nan if step >= 240 else 0.7 + 1.7 * math.exp(-step / 150)
+
+    run_dir = write_run(tmp_path / "nan", loss, grad_at=lambda step: math.inf if step >= 230 else 1.5)
+    saved_checkpoint(run_dir, 200)
+    saved_checkpoint(run_dir, 220, healthy=False)  # saved before the NaN, but its weights had already blown up
+    (run_dir / "checkpoint-225").mkdir()  # a save cut short: no marker
+    (run_dir / "checkpoint-225" / "trainer_state.json").write_text("{}")
+    nan = next(f for f in training_report(run_dir).findings if f.kind == "nan")
+    assert "restart from checkpoint-200, the last healthy one" in nan.suggestion
+    assert "checkpoint-220" not in nan.suggestion and "checkpoint-225" not in nan.suggestion
+
+
+def test_interrupted_run_is_resumed_only_from_a_complete_checkpoint(tmp_path):
+    def loss(step):
+        return 0.7 + 1.7 * math.exp(-step / 150)
+
+    run_dir = write_run(tmp_path / "cut", loss, stop_at=300)  # checkpoint-300: a trainer_state.json, nothing else
+    assert "no complete checkpoint" in training_report(run_dir).findings[0].suggestion
+    saved_checkpoint(run_dir, 200)  # the run wrote markers: checkpoint-300, without one, never finished saving
+    incomplete = training_report(run_dir).findings[0]
+    assert incomplete.kind == "incomplete"
+    assert "last complete checkpoint, checkpoint-200" in incomplete.suggestion
+    assert "--resume latest, passing over the incomplete checkpoint-300" in incomplete.suggestion
 
 
 def test_oscillating_run_points_at_the_batch_size(tmp_path):

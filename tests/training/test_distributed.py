@@ -36,3 +36,6 @@ def test_torchrun_trains_the_demo_on_two_cpu_processes(colintern_home, small_syn
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    from colintern.model.checkpoints import inspect_checkpoint
+
+    assert inspect_checkpoint(out / "checkpoint-3").complete

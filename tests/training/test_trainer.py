@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,11 @@ def small_run(tmp_path, dataset, name="run", **training) -> RunConfig:
 
 def adapter_weights(path):
     return load_file(str(path / "adapter_model.safetensors"))
+
+
+def saved_weights(path, peft: bool):
+    """The trained weights a run or checkpoint folder holds: the adapter (LoRA) or the whole model (full training)."""
+    return load_file(str(path / ("adapter_model.safetensors" if peft else "model.safetensors")))
 
 
 def test_compact_multivectors_keeps_real_tokens_and_never_adds_a_new_max():
@@ -254,21 +260,37 @@ class SignalAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(colintern_home, small_synthdocs_dir, tmp_path):
-    reference = train(small_run(tmp_path, small_synthdocs_dir, name="straight"))
+def full_run(tmp_path, dataset, name="run", **training) -> RunConfig:
+    """small_run with full fine-tuning, the vision tower included, as the demo preset trains."""
+    config = small_run(tmp_path, dataset, name=name, **training)
+    config.lora.enabled = False
+    config.training.train_vision = True
+    return config
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(colintern_home, small_synthdocs_dir, tmp_path, peft):
+    run = small_run if peft else full_run
+    weights_file = "adapter_model.safetensors" if peft else "model.safetensors"
+    reference = train(run(tmp_path, small_synthdocs_dir, name="straight"))
     assert reference.global_step == 6 and not reference.interrupted
 
-    stopped = train(small_run(tmp_path, small_synthdocs_dir, name="killed"), callbacks=[SignalAtStep(3)])
+    stopped = train(run(tmp_path, small_synthdocs_dir, name="killed"), callbacks=[SignalAtStep(3)])
     assert stopped.interrupted and stopped.global_step == 3
-    assert (stopped.output_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
-    assert not (stopped.output_dir / "adapter_model.safetensors").exists()  # no "final" adapter from a cut run
+    assert (stopped.output_dir / "checkpoint-3" / weights_file).is_file()
+    assert not (stopped.output_dir / weights_file).exists()  # no "final" adapter from a cut run
 
-    resumed = train(small_run(tmp_path, small_synthdocs_dir, name="killed", resume="latest"))
+    resumed = train(run(tmp_path, small_synthdocs_dir, name="killed", resume="latest"))
     assert resumed.global_step == 6 and not resumed.interrupted
-    expected, got = adapter_weights(reference.output_dir), adapter_weights(resumed.output_dir)
+    expected, got = saved_weights(reference.output_dir, peft), saved_weights(resumed.output_dir, peft)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    if not peft:
+        # Full training on the CPU resumes bit for bit (the language model used to restart from its initial weights,
+        # 1.2e-3 off after 12 demo steps); checked on every tensor, the language model's included.
+        assert any(key.startswith("language_model.") for key in expected)
+        assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(colintern_home, small_synthdocs_dir, tmp_path):
@@ -326,6 +348,185 @@ def test_a_smoke_run_skips_evaluation_and_evaluate_names_the_unfinished_warm_up(
     with pytest.raises(ColinternError, match=r"saved before the run's warm-up finished \(1 step, warm-up 10\)"):
         check_trained_head(model, describe_checkpoint(str(checkpoint)))
     check_trained_head(model, describe_checkpoint(str(checkpoint)), allow_untrained_head=True)
+
+
+class HugeLearningRateFrom(TrainerCallback):
+    """From step `step` on, the optimizer steps with learning rate `lr` (a divergence forced on a healthy run)."""
+
+    def __init__(self, step: int, lr: float):
+        self.step, self.lr = step, lr
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 >= self.step:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+
+
+def test_non_finite_loss_names_the_last_healthy_checkpoint_not_the_last_saved(
+    colintern_home, small_synthdocs_dir, tmp_path, caplog
+):
+    from colintern.model.checkpoints import last_healthy_checkpoint, list_checkpoints
+    from colintern.reports.training import training_report
+
+    # a checkpoint every step, two kept: rotation must keep the last healthy one, not the two newest
+    config = full_run(tmp_path, small_synthdocs_dir, name="diverged", save_steps=1, max_steps=8, save_total_limit=2)
+    with pytest.raises(NonFiniteLossError) as stopped, caplog.at_level("WARNING"):
+        train(config, callbacks=[HugeLearningRateFrom(3, 1e4)])
+    run_dir = tmp_path / "diverged"
+    # steps 1-2 train normally; step 3 makes the weights ~1e4 (finite, 1e4x the initial); later ones reach NaN
+    assert "checkpoint-3 is not healthy: weights up to" in caplog.text
+    kept = list_checkpoints(run_dir)
+    assert [c.step for c in kept][0] == 2 and kept[-1].step > 3 and all(c.complete for c in kept)
+    assert kept[0].healthy and kept[-1].healthy is False
+    assert last_healthy_checkpoint(run_dir).path == run_dir / "checkpoint-2"
+    message = str(stopped.value)
+    assert f"Last healthy checkpoint: {run_dir / 'checkpoint-2'}" in message
+    assert f"--resume {run_dir / 'checkpoint-2'}" in message and f"{kept[-1].path.name} is not" in message
+    initial = saved_weights(colintern_home / "tiny-internvl3_5", peft=False)
+    good, bad = saved_weights(kept[0].path, peft=False), saved_weights(kept[-1].path, peft=False)
+    assert max(v.abs().max().item() for v in good.values()) < 10 * max(v.abs().max().item() for v in initial.values())
+    assert not all(torch.isfinite(v).all() for v in bad.values()) or max(v.abs().max() for v in bad.values()) > 1e3
+    nan = next(f for f in training_report(run_dir).findings if f.kind == "nan")
+    assert "checkpoint-2," in nan.suggestion
+
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(colintern_home, small_synthdocs_dir, tmp_path_factory):
+    """A LoRA run and a full-training run of 4 steps with checkpoints at steps 2 and 4 (copy before changing)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    for peft, run in ((True, small_run), (False, full_run)):
+        assert train(run(root, small_synthdocs_dir, name="lora" if peft else "full", max_steps=4)).global_step == 4
+    return root
+
+
+def copy_run(checkpointed_runs, tmp_path, name):
+    import shutil
+
+    return Path(shutil.copytree(checkpointed_runs / name, tmp_path / name))
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("change", ["removed", "added"])
+def test_resume_refuses_a_checkpoint_whose_tensors_do_not_match(
+    checkpointed_runs, small_synthdocs_dir, tmp_path, peft, change
+):
+    from safetensors.torch import save_file
+
+    from colintern.model.checkpoints import write_checkpoint_marker
+
+    name = "lora" if peft else "full"
+    run_dir = copy_run(checkpointed_runs, tmp_path, name)
+    checkpoint = run_dir / "checkpoint-4"
+    weights = saved_weights(checkpoint, peft)
+    if change == "removed":
+        victim = next(k for k in sorted(weights) if "layers.1.mlp.gate_proj" in k)
+        del weights[victim]
+        expected = r"1 of the (model|adapter)'s \d+ tensors are missing \(.*layers\.1\.mlp\.gate_proj"
+    else:
+        weights["language_model.model.layers.9.mlp.extra.weight"] = torch.zeros(2)
+        expected = r"1 tensors are not the (model|adapter)'s \(language_model\.model\.layers\.9\.mlp\.extra"
+    save_file(weights, str(checkpoint / ("adapter_model.safetensors" if peft else "model.safetensors")),
+              metadata={"format": "pt"})
+    write_checkpoint_marker(checkpoint, 4, {"healthy": True, "problems": []})  # complete, but not this model's
+    run = small_run if peft else full_run
+    config = run(tmp_path, small_synthdocs_dir, name=name, max_steps=6, resume=str(checkpoint))
+    with pytest.raises(ColinternError, match=f"Cannot resume from {re.escape(str(checkpoint))}: .*{expected}"):
+        train(config)
+
+
+def test_resume_latest_skips_incomplete_checkpoints_and_a_named_one_is_refused(checkpointed_runs, tmp_path, caplog):
+    from colintern.model.checkpoints import CHECKPOINT_MARKER
+    from colintern.training.trainer import resolve_resume
+
+    run_dir = copy_run(checkpointed_runs, tmp_path, "full")
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-4")
+    # a save cut short before its marker
+    (run_dir / "checkpoint-4" / CHECKPOINT_MARKER).unlink()
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-2")
+    assert f"skipping {run_dir / 'checkpoint-4'}, incomplete (no {CHECKPOINT_MARKER}" in caplog.text
+    with pytest.raises(ColinternError, match=r"checkpoint-4: incomplete checkpoint .* Use --resume .*checkpoint-2"):
+        resolve_resume(str(run_dir / "checkpoint-4"), run_dir)
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # cut before the Trainer wrote its state
+    with pytest.raises(ColinternError, match=r"checkpoint-4: incomplete checkpoint \(no colintern_checkpoint.json"):
+        resolve_resume(str(run_dir / "checkpoint-4"), run_dir)
+    # a file cut short after the marker was written (a copy interrupted, a full disk)
+    optimizer = run_dir / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    with pytest.raises(ColinternError, match=r"no complete checkpoint in .*checkpoint-2: optimizer.pt has \d+ bytes"):
+        resolve_resume("latest", run_dir)
+
+
+def test_checkpoints_from_before_markers_are_judged_by_their_files(checkpointed_runs, tmp_path):
+    from colintern.model.checkpoints import CHECKPOINT_MARKER
+    from colintern.training.trainer import resolve_resume
+
+    run_dir = copy_run(checkpointed_runs, tmp_path, "lora")
+    for marker in run_dir.glob(f"checkpoint-*/{CHECKPOINT_MARKER}"):
+        marker.unlink()
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-4")  # every file there and whole
+    weights = run_dir / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert resolve_resume("latest", run_dir) == str(run_dir / "checkpoint-2")
+    (run_dir / "checkpoint-2" / "rng_state.pth").unlink()
+    with pytest.raises(ColinternError, match=r"checkpoint-4: adapter_model.safetensors is cut short.*checkpoint-2: "
+                                             r"rng_state.pth missing"):
+        resolve_resume("latest", run_dir)
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint(
+    colintern_home, small_synthdocs_dir, tmp_path, caplog
+):
+    config = small_run(tmp_path, small_synthdocs_dir, name="sigkill")
+    # SIGKILL once the weights of checkpoint-4 are written, before its optimizer state: a save cut short
+    script = (
+        "import json, os, signal, sys\n"
+        "from transformers import Trainer\n"
+        "from colintern.training.arguments import RunConfig\n"
+        "from colintern.training.trainer import train\n"
+        "save = Trainer._save_optimizer_and_scheduler\n"
+        "def killed(self, output_dir):\n"
+        "    if self.state.global_step == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(self, output_dir)\n"
+        "Trainer._save_optimizer_and_scheduler = killed\n"
+        "train(RunConfig.from_dict(json.loads(sys.argv[1])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(config.to_dict())], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    out = tmp_path / "sigkill"
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()  # half there
+    config.training.resume = "latest"
+    with caplog.at_level("INFO"):
+        resumed = train(config)
+    assert f"skipping {out / 'checkpoint-4'}, incomplete" in caplog.text
+    assert f"Resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert resumed.global_step == 6 and not resumed.interrupted
+    from colintern.model.checkpoints import list_checkpoints
+
+    assert [(c.step, c.complete) for c in list_checkpoints(out)] == [(2, True), (4, True), (6, True)]
+
+
+def test_the_best_full_model_is_loaded_at_the_end_through_the_key_mapping(
+    colintern_home, small_synthdocs_dir, tmp_path
+):
+    config = full_run(tmp_path, small_synthdocs_dir, name="best", max_steps=4, save_steps=2, eval_steps=2,
+                      early_stopping_patience=5, save_total_limit=None)
+    captured = {}
+
+    class Capture(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            captured["best"] = state.best_model_checkpoint
+
+    result = train(config, callbacks=[Capture()])
+    best = captured["best"]
+    # (evaluation loss 1.60 at step 2, 4.27 at step 4 with this seed)
+    assert best and not best.endswith("checkpoint-4"), f"the test needs an earlier best checkpoint, got {best}"
+    final, expected = saved_weights(result.output_dir, peft=False), saved_weights(Path(best), peft=False)
+    assert any(key.startswith("language_model.") for key in expected)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(colintern_home, small_synthdocs_dir, tmp_path):
