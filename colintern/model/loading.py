@@ -8,6 +8,7 @@ One function per thing a user points at:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
