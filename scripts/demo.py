@@ -70,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
     if finished and not args.retrain:
         logger.info("   %s already holds a finished run; reusing it (--retrain to train again)", out)
     else:
+        config.training.overwrite = True  # --retrain: the earlier demo run's checkpoints are set aside, not deleted
         train(config)
 
     step("4/5 Trained model on the SynthDocs test split",

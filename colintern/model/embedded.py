@@ -159,8 +159,11 @@ def build_tiny_checkpoint(output_dir: str | Path, spec: TinyModelConfig = TinyMo
         image_seq_length=spec.image_seq_length,
         max_num_visual_tokens=spec.max_num_visual_tokens,
     )
-    torch.manual_seed(spec.seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    # Seeded in a fork of the RNG: building the checkpoint on first use must not change the random stream of the run
+    # that asked for it (a seeded run would otherwise start differently the first time).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = InternVLForConditionalGeneration(config).eval()
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

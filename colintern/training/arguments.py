@@ -195,6 +195,11 @@ class TrainingConfig:
     resume: str | None = field(
         default=None, metadata=_flag("--resume", "checkpoint folder, or 'latest' in --output-dir")
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_flag("--overwrite", "start a new run in an --output-dir that holds another run's checkpoints "
+                       "(they are moved to OUTPUT/previous-<time>/, not deleted)"),
+    )
 
 
 @dataclass

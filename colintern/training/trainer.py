@@ -686,6 +686,31 @@ def recipe_arguments(config: RunConfig) -> dict:
     )
 
 
+def set_aside_earlier_run(output_dir: Path, *, overwrite: bool, move: bool = True) -> Path | None:
+    """A new run in a folder holding another run's checkpoints would replace them (same step numbers) or delete them
+    (--save-total-limit): refuse, or with `overwrite` move them to `output_dir/previous-<time>/` (nothing is deleted).
+    Returns that folder, if any."""
+    from colintern.model.checkpoints import list_checkpoints
+
+    earlier = [status.path for status in list_checkpoints(output_dir)]
+    if not earlier:
+        return None
+    names = ", ".join(path.name for path in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+    if not overwrite:
+        raise ColinternError(
+            f"--output-dir {output_dir} already holds checkpoints of another run ({names}); a new run would replace "
+            f"or delete them. Continue that run with --resume latest, choose a new --output-dir, or pass --overwrite "
+            f"to start over (its checkpoints are then moved to {output_dir}/previous-<time>/, not deleted)."
+        )
+    target = output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    if move:
+        target.mkdir(exist_ok=True)
+        for path in earlier:
+            path.rename(target / path.name)
+        logger.warning("--overwrite: moved the earlier run's %s to %s", names, target)
+    return target
+
+
 def build_trainer(
     config: RunConfig,
     callbacks: list[TrainerCallback] | None = None,
@@ -706,6 +731,8 @@ def build_trainer(
     resume = resolve_resume(config.training.resume, output_dir) if validate_resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if save_checkpoints and resume is None:
+        set_aside_earlier_run(output_dir, overwrite=config.training.overwrite, move=is_main)
     if is_main:
         record = config.to_dict()
         record["runtime"] = runtime_info()

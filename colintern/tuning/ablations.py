@@ -142,6 +142,7 @@ def plan_ablation(
         label = ",".join(f"{path.split('.')[-1]}={_format_value(str(v))}" for path, v in combo.items())
         config.training.output_dir = str(Path(output_root) / safe_name(name, fallback="ablation") / label)
         config.training.resume = None
+        config.training.overwrite = True  # the variant's folder is the sweep's own: an unfinished try is set aside
         config.experiment.name = f"{name}/{label}"
         config.experiment.hyperparameters_under_test = sorted(combo)
         overrides = dict(combo)

@@ -113,3 +113,18 @@ def test_adapter_folders_are_read_by_peft(tiny_adapter_dir, tmp_path):
     (no_base / CONFIG_NAME).write_text("{ truncated")
     with pytest.raises(ColinternError, match="adapter_config.json is unreadable"):
         AdapterInfo.read(no_base)
+
+
+def test_building_the_embedded_checkpoint_leaves_the_callers_random_stream_alone(tiny_model_dir, tmp_path):
+    # found: building it on first use re-seeded torch's global RNG, so a seeded run started differently (head and
+    # LoRA initialisation) the first time than once the checkpoint existed
+    from colintern.model.embedded import build_tiny_checkpoint
+
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    build_tiny_checkpoint(tmp_path / "tiny")
+    assert torch.equal(torch.rand(4), expected)
+    rebuilt = load_file(str(tmp_path / "tiny" / "model.safetensors"))  # and the weights are still seed 0's
+    shipped = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert rebuilt.keys() == shipped.keys() and all(torch.equal(rebuilt[k], shipped[k]) for k in shipped)

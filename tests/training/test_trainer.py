@@ -553,3 +553,20 @@ def test_real_preset_offline_stops_at_once_naming_the_demo(colintern_home, tmp_p
     done = run_script("scripts/train.py", "--output-dir", str(tmp_path / "real"), env_extra={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2
     assert "--preset demo" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_new_run_never_replaces_another_runs_checkpoints(colintern_home, small_synthdocs_dir, tmp_path):
+    # found: a fresh run into a folder holding an earlier run replaced its checkpoint-N folders (same steps) and deleted
+    # the rest through --save-total-limit
+    first = small_run(tmp_path, small_synthdocs_dir, max_steps=4, save_total_limit=1)
+    train(first)
+    earlier = {p.name: saved_weights(p, peft=True) for p in (tmp_path / "run").glob("checkpoint-*")}
+    assert earlier
+    with pytest.raises(ColinternError, match=r"already holds checkpoints of another run.*--resume latest.*--overwrite"):
+        train(small_run(tmp_path, small_synthdocs_dir, max_steps=4, save_total_limit=1, seed=4))
+    again = small_run(tmp_path, small_synthdocs_dir, max_steps=4, save_total_limit=1, seed=4, overwrite=True)
+    train(again)
+    (previous,) = (tmp_path / "run").glob("previous-*")
+    for name, weights in earlier.items():  # moved aside intact, not deleted
+        kept = saved_weights(previous / name, peft=True)
+        assert all(torch.equal(kept[key], value) for key, value in weights.items())
