@@ -7,6 +7,7 @@ import datetime as dt
 import gc
 import logging
 import math
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,11 +20,58 @@ from colintern.training.arguments import RunConfig
 from colintern.tuning.search.memory import MEMORY_CONSTRAINT, MemoryCheck, check_memory
 from colintern.tuning.search.settings import OBJECTIVES, SearchSettings
 from colintern.tuning.search.space import SearchSpace, describe_params, trial_config
+from colintern.tuning.search.storage import WORKER_ATTR, retry_trial, worker_identity
 from colintern.utils import ColinternError, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 TRIAL_RECORD_FILE = "trial.json"
+TRIALS_DIR = "trials"
+
+
+def trial_folder(output_dir: Path, number: int) -> Path:
+    """trials/trial-NNNN: the trial's run folder (configuration, trainer_state.json, trial.json)."""
+    return Path(output_dir) / TRIALS_DIR / f"trial-{number:04d}"
+
+
+def trial_log_path(output_dir: Path, number: int) -> Path:
+    """trials/trial-NNNN.log, beside the run folder (which the trainer owns)."""
+    return Path(output_dir) / TRIALS_DIR / f"trial-{number:04d}.log"
+
+
+class TrialLog:
+    """The trial's log file: the log records emitted while it trains and, when it fails, the traceback (which the
+    console gets in one line)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.handler: logging.FileHandler | None = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+    def exception(self, number: int, kind: str) -> None:
+        """Write the exception being handled, with its traceback, to this file only."""
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "Trial %d failed (%s)", (number, kind),
+                                   sys.exc_info())
+        self.handler.handle(record)
+
+
+def _retry_running(trial) -> None:
+    """Enqueue the parameters of this (still running) trial once more, as Optuna retries a stale trial."""
+    from optuna.trial import TrialState
+
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.number == trial.number)
+    retry_trial(trial.study, frozen)
 
 
 class TrialFailed(ColinternError):
@@ -107,9 +155,10 @@ class TrialRunner:
 
     def __call__(self, trial):
         settings = self.settings
+        trial.set_user_attr(WORKER_ATTR, worker_identity())  # so that its trial runs again if this process dies
         params = self.space.sample(trial)
         config = trial_config(self.base, params)
-        trial_dir = settings.output_dir / "trials" / f"trial-{trial.number:04d}"
+        trial_dir = trial_folder(settings.output_dir, trial.number)
         config.training.output_dir = str(trial_dir)
         config.training.run_name = f"{settings.study_name}-trial-{trial.number:04d}"
         config.training.resume = None
@@ -129,34 +178,8 @@ class TrialRunner:
         reporter = OptunaReporter(trial, objective.metric, prune=not settings.multi_objective)
         logger.info("Trial %d: %s -> %s", trial.number, describe_params(params), trial_dir)
         record = {"number": trial.number, "params": params, "estimated_peak_gib": check.estimated_gib}
-        failure: TrialFailed | None = None
-        try:
-            metrics = train_trial(config, reporter, self.callbacks)
-        except optuna.TrialPruned as pruned:
-            self._finish(trial, trial_dir, record, "pruned", reporter, reason=str(pruned))
-            raise
-        except (KeyboardInterrupt, ColinternError) as error:
-            from colintern.training.trainer import NonFiniteLossError
-
-            if isinstance(error, NonFiniteLossError):
-                failure = self._failed(trial, trial_dir, record, reporter, "nan", error)
-            else:
-                # Ctrl-C, or a configuration problem that would stop every trial: not this trial's result. It runs
-                # again first when the study is resumed, and does not count towards --trials meanwhile.
-                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped: {error}"[:500]
-                trial.set_user_attr("interrupted", reason)
-                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                self._finish(trial, trial_dir, record, "interrupted", reporter, reason=reason)
-                if isinstance(error, KeyboardInterrupt):
-                    raise
-                # the study stops after this trial and run_search raises the error itself (one line, no traceback)
-                self.fatal = error
-                trial.study.stop()
-                failure = TrialFailed(f"trial {trial.number} stopped the study: {error}")
-        except Exception as error:  # noqa: BLE001 - any training failure fails this trial only
-            kind = "out of memory" if "out of memory" in str(error).lower() else "error"
-            logger.debug("Trial %d traceback:\n%s", trial.number, traceback.format_exc())
-            failure = self._failed(trial, trial_dir, record, reporter, kind, error)
+        with TrialLog(trial_log_path(settings.output_dir, trial.number)) as log:
+            metrics, failure = self._train(trial, config, trial_dir, record, reporter, log)
         if failure is not None:  # raised outside the handler: no reference to the failed run's frames remains
             raise failure
 
@@ -169,6 +192,42 @@ class TrialRunner:
             raise self._failed(trial, trial_dir, record, reporter, "nan", ValueError(f"non-finite objective {values}"))
         self._finish(trial, trial_dir, {**record, "values": values, "metrics": metrics}, "complete", reporter)
         return values[0] if len(values) == 1 else values
+
+    def _train(self, trial, config: RunConfig, trial_dir: Path, record: dict, reporter: OptunaReporter,
+               log: TrialLog) -> tuple[dict | None, TrialFailed | None]:
+        """Train the trial: (metrics, None), or (None, the failure to raise). Pruning, Ctrl-C and errors that are not
+        the trial's own propagate."""
+        failure: TrialFailed | None = None
+        try:
+            return train_trial(config, reporter, self.callbacks), None
+        except optuna.TrialPruned as pruned:
+            self._finish(trial, trial_dir, record, "pruned", reporter, reason=str(pruned))
+            raise
+        except (KeyboardInterrupt, ColinternError) as error:
+            from colintern.training.trainer import NonFiniteLossError
+
+            if isinstance(error, NonFiniteLossError):
+                log.exception(trial.number, "nan")
+                failure = self._failed(trial, trial_dir, record, reporter, "nan", error)
+            else:
+                # Ctrl-C, or a configuration problem that would stop every trial: not this trial's result. It runs
+                # again first when the study is resumed, and does not count towards --trials meanwhile.
+                reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"stopped: {error}"[:500]
+                trial.set_user_attr("interrupted", reason)
+                _retry_running(trial)
+                self._finish(trial, trial_dir, record, "interrupted", reporter, reason=reason)
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                # the study stops after this trial and run_search raises the error itself (one line, no traceback)
+                self.fatal = error
+                trial.study.stop()
+                failure = TrialFailed(f"trial {trial.number} stopped the study: {error}")
+        except Exception as error:  # any training failure fails this trial only
+            kind = "out of memory" if "out of memory" in str(error).lower() else "error"
+            logger.debug("Trial %d traceback:\n%s", trial.number, traceback.format_exc())
+            log.exception(trial.number, kind)
+            failure = self._failed(trial, trial_dir, record, reporter, kind, error)
+        return None, failure
 
     @staticmethod
     def _value(name: str, metrics: dict, check: MemoryCheck) -> float:

@@ -14,10 +14,19 @@ import optuna
 from colintern.training.arguments import RunConfig
 from colintern.tuning.search.memory import bound_batch_size
 from colintern.tuning.search.outputs import SearchResult, write_outputs
-from colintern.tuning.search.runner import TrialFailed, TrialRunner
+from colintern.tuning.search.runner import TrialFailed, TrialRunner, trial_log_path
 from colintern.tuning.search.settings import OBJECTIVES, SearchSettings
-from colintern.tuning.search.space import SearchSpace
-from colintern.tuning.search.storage import counted_trials, open_storage, spent_seconds
+from colintern.tuning.search.space import SearchSpace, describe_params
+from colintern.tuning.search.storage import (
+    counted,
+    counted_trials,
+    fail_stale_trials,
+    in_flight,
+    open_storage,
+    recover_dead_trials,
+    resolve_storage,
+    spent_seconds,
+)
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
@@ -194,6 +203,8 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
     for params in enqueue or []:
         study.enqueue_trial(params, skip_if_exists=True)
 
+    lock = resolve_storage(settings.storage, settings.output_dir).lock_path
+    recover_dead_trials(study, lock)  # a killed worker's trial runs again, first
     done = counted_trials(study)
     budget = settings.time_budget_hours * 3600 if settings.time_budget_hours else None
     timeout = None if budget is None else budget - spent_seconds(study)
@@ -202,23 +213,30 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
         logger.info("Study '%s': %d trial(s) already finished; continuing to %d.", settings.study_name, done,
                     settings.n_trials)
     try:
-        if done >= settings.n_trials:
-            logger.info("Study '%s' already has %d finished trials (--trials %d): nothing to run; raise --trials to "
-                        "continue it.", settings.study_name, done, settings.n_trials)
+        if done + in_flight(study) >= settings.n_trials:
+            running = in_flight(study)
+            logger.info("Study '%s' already has %d finished trials%s (--trials %d): nothing to run; raise --trials to "
+                        "continue it.", settings.study_name, done,
+                        f" and {running} running in other workers" if running else "", settings.n_trials)
         elif timeout is not None and timeout <= 0:
             logger.info("Study '%s' has used its time budget (%.2f of %.2f h of trial time).", settings.study_name,
                         spent_seconds(study) / 3600, settings.time_budget_hours)
         else:
-            def stop_when_done(study, trial) -> None:  # counts the trials of other workers too
-                if counted_trials(study) >= settings.n_trials:
+            def stop_when_done(study, trial) -> None:
+                # Not Optuna's MaxTrialsCallback: it counts trials by state, and a retried trial (interrupted, or
+                # its worker killed) is FAIL but must not count, its retry does. Other workers' running trials count.
+                recover_dead_trials(study, lock)
+                fail_stale_trials(study)
+                if counted_trials(study) + in_flight(study) >= settings.n_trials:
                     study.stop()
                 elif budget is not None and spent_seconds(study) >= budget:
                     logger.info("Time budget of %.2f h spent: stopping.", settings.time_budget_hours)
                     study.stop()
 
             runner = TrialRunner(base, space, settings, gpu.vram_gib, list(callbacks or []))
-            study.optimize(runner, n_trials=settings.n_trials - done,
-                           timeout=timeout, catch=(TrialFailed,), callbacks=[stop_when_done], gc_after_trial=True)
+            # no n_trials: the study stops when stop_when_done says so (retries of dead workers' trials come on top)
+            study.optimize(runner, timeout=timeout, catch=(TrialFailed,), callbacks=[stop_when_done],
+                           gc_after_trial=True)
             if runner.fatal is not None:
                 raise runner.fatal
     except BaseException:  # Ctrl-C or a configuration error: the outputs still show what the storage holds
@@ -228,6 +246,28 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
             logger.warning("Could not write the study's outputs: %s", error)
         raise
     outputs = write_outputs(study, settings, base)
+    check_not_all_failed(study, settings)
     return SearchResult(study, settings.output_dir, *outputs, ran_trials=len(study.trials) - before)
 
 
+
+
+def check_not_all_failed(study, settings: SearchSettings) -> None:
+    """A study whose trials all failed (none complete, none pruned) is an error, naming the first failure and its
+    log file: a search that produced nothing must not look like a finished one."""
+    from optuna.trial import TrialState
+
+    finished = counted(study)
+    if not finished or any(t.state != TrialState.FAIL for t in finished):
+        return
+    first = min(finished, key=lambda t: t.number)
+    if first.user_attrs.get("error"):
+        what = f"failed ({first.user_attrs.get('failure', 'error')}): {first.user_attrs['error'].rstrip('.')}"
+    else:
+        what = "its worker stopped without a result (killed?), also when it ran again"
+    log = trial_log_path(settings.output_dir, first.number)
+    raise ColinternError(
+        f"All {len(finished)} trial(s) of study '{settings.study_name}' failed. The first, trial {first.number} "
+        f"({describe_params(first.params)}), {what}. Its log: {log}"
+        + ("" if log.is_file() else " (not written)")
+    )
