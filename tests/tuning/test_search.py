@@ -32,6 +32,7 @@ from colintern.tuning.search import (
     check_memory,
     counted_trials,
     default_search_space_path,
+    open_storage,
     parse_objectives,
     run_search,
 )
@@ -305,6 +306,17 @@ def test_script_errors_are_one_line(capsys, tmp_path):
 
 
 
+def test_storage_errors_are_one_line(tmp_path):
+    """--storage bogus:// used to end in SQLAlchemy's traceback; a refused connection names the URL without its
+    password."""
+    with pytest.raises(ColinternError, match=r"--storage bogus://x: cannot open it \(Can't load plugin"):
+        open_storage("bogus://x", tmp_path)
+    with pytest.raises(ColinternError, match=r"--storage postgresql://user:\*\*\*@127.0.0.1:1/x: cannot open it") as e:
+        open_storage("postgresql://user:secret@127.0.0.1:1/x", tmp_path)
+    assert "secret" not in str(e.value)
+    assert isinstance(open_storage(str(tmp_path / "s.journal"), tmp_path), optuna.storages.JournalStorage)
+
+
 def load_script():
     import importlib.util
 
@@ -328,7 +340,7 @@ def test_a_study_where_every_trial_failed_is_an_error(colintern_home, small_synt
             "eval_loss", "--output-dir", str(out), "--trials", "2", "--study-name", "nan"]
     assert run(script.main, script.build_parser(), argv) == 2
     err = capsys.readouterr().err
-    log = out / "trials" / "trial-0000.log"
+    log = out / "logs" / "trial-0000.log"
     assert "error: All 2 trial(s) of study 'nan' failed. The first, trial 0 (temperature=0), failed (nan): " \
            "NonFiniteLossError" in err
     assert err.rstrip().endswith(f"Its log: {log}")
@@ -477,7 +489,8 @@ def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, 
     configs = [{"training.lr": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
     common = {"dataset": str(small_synthdocs_dir), "max_steps": 4, "eval_steps": 2, "n_trials": len(configs),
               "space": {"training.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
-    study = optuna.create_study(study_name="pg", storage=postgres_url, direction="minimize")
+    storage = optuna.storages.RDBStorage(postgres_url)
+    study = optuna.create_study(study_name="pg", storage=storage, direction="minimize")
     for params in configs:  # queued before the workers start, so that they never race to enqueue
         study.enqueue_trial(params)
     gate = tmp_path / "gate"
@@ -501,7 +514,9 @@ def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, 
             process.kill()
             process.wait()
 
-    trials = optuna.load_study(study_name="pg", storage=postgres_url).trials
+    trials = optuna.load_study(study_name="pg", storage=storage).trials
+    storage.remove_session()
+    storage.engine.dispose()  # the server stops next
     (killed,) = [t for t in trials if t.user_attrs["worker"]["pid"] == a.pid]
     assert killed.state == TrialState.FAIL
     assert f"its worker (process {a.pid}) is gone" in (tmp_path / "b.log").read_text()

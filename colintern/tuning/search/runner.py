@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 TRIAL_RECORD_FILE = "trial.json"
 TRIALS_DIR = "trials"
+LOGS_DIR = "logs"
 
 
 def trial_folder(output_dir: Path, number: int) -> Path:
@@ -35,8 +36,8 @@ def trial_folder(output_dir: Path, number: int) -> Path:
 
 
 def trial_log_path(output_dir: Path, number: int) -> Path:
-    """trials/trial-NNNN.log, beside the run folder (which the trainer owns)."""
-    return Path(output_dir) / TRIALS_DIR / f"trial-{number:04d}.log"
+    """logs/trial-NNNN.log: the trial's log, outside its run folder (which the trainer owns)."""
+    return Path(output_dir) / LOGS_DIR / f"trial-{number:04d}.log"
 
 
 class TrialLog:
