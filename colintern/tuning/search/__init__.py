@@ -43,7 +43,14 @@ from colintern.tuning.search.runner import (
 )
 from colintern.tuning.search.settings import OBJECTIVES, PRUNERS, SearchSettings, parse_objectives
 from colintern.tuning.search.space import ParameterSpec, SearchSpace, default_search_space_path, trial_config
-from colintern.tuning.search.storage import DEFAULT_STORAGE_FILE, counted_trials, open_storage, spent_seconds
+from colintern.tuning.search.storage import (
+    DEFAULT_STORAGE_FILE,
+    counted_trials,
+    fail_stale_trials,
+    open_storage,
+    recover_dead_trials,
+    spent_seconds,
+)
 from colintern.tuning.search.study import TrialSeededSampler, build_pruner, build_sampler, open_study, run_search
 
 __all__ = [
@@ -70,11 +77,13 @@ __all__ = [
     "check_memory",
     "counted_trials",
     "default_search_space_path",
+    "fail_stale_trials",
     "format_summary",
     "open_storage",
     "open_study",
     "parse_objectives",
     "quiet_trial_failure_tracebacks",
+    "recover_dead_trials",
     "run_search",
     "spent_seconds",
     "trial_config",

@@ -172,6 +172,8 @@ def retry_trial(study, trial: FrozenTrial, max_retry: int | None = None, **user_
     trial = copy.deepcopy(trial)
     trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k not in RUN_ATTRS},
                         "retry_of": trial.number, **user_attrs}
+    # the constraint is measured again by the rerun (Optuna keeps the first value set)
+    trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("constraints:")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
