@@ -17,7 +17,8 @@ configuration error (the same for every trial) stops the study.
 
 The study lives in a storage (SQLite in the output folder by default; a journal file or a database URL lets several
 workers share it). `n_trials` is the study's total, so re-running the same command finishes an interrupted study and a
-larger `n_trials` extends it; the time budget likewise counts the time already spent by the study's trials.
+larger `n_trials` extends it; the time budget likewise counts the time already spent by the study's trials. The trial
+of a worker that was killed runs again once (see `storage`); a study whose trials all failed raises ColinternError.
 
 Modules, each importing only those before it: `settings` (objectives, `SearchSettings`), `space` (the YAML search
 space, a trial's configuration), `memory` (the memory constraint), `storage` (SQLite, journal file or URL; trial

@@ -9,7 +9,9 @@ parameters once more (a WAITING trial that the next `ask()` of any worker runs):
 - on every storage (the journal file has no heartbeat), `recover_dead_trials`: each trial records its worker (host,
   boot, process id and start time), and a trial whose worker on this machine no longer exists is failed and retried
   at once, when the study resumes and after every trial of a running worker.
-A configuration is retried once (`DEAD_WORKER_RETRIES`): one that kills its worker twice counts as failed.
+A configuration is retried once (`DEAD_WORKER_RETRIES`): one that kills its worker twice counts as failed. The
+process check trusts the host name: workers in separate containers that share one host name and one study would need
+distinct host names.
 """
 
 from __future__ import annotations

@@ -188,6 +188,9 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
     `enqueue`: parameter sets ({"training.lr": 1e-3, ...}) to run before the sampler's own, e.g. a known baseline
     (skipped when the study already has a trial with exactly those values). `callbacks`: further TrainerCallbacks
     for every trial's Trainer.
+
+    Trials left RUNNING by a dead worker on this machine run again first (`storage.recover_dead_trials`). Raises
+    ColinternError when every finished trial of the study failed (after writing the outputs).
     """
 
     from colintern.tuning.advisor import detect_gpu
@@ -248,8 +251,6 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
     outputs = write_outputs(study, settings, base)
     check_not_all_failed(study, settings)
     return SearchResult(study, settings.output_dir, *outputs, ran_trials=len(study.trials) - before)
-
-
 
 
 def check_not_all_failed(study, settings: SearchSettings) -> None:
