@@ -18,11 +18,14 @@ trains. Objectives: ndcg (NDCG@5 on the validation split, the default), eval_los
 memory (peak GiB) and time (training seconds), e.g. --objective ndcg,memory.
 
 --trials N is the study's total: re-running the same command resumes an interrupted study (finished trials are kept
-and numbering continues), a larger N extends it. The study is stored in --output-dir/optuna.db unless --storage names
-a database URL (sqlite:///..., postgresql://...) or a journal file (any other path; safe for several workers).
+and numbering continues; the trial of a killed worker runs again once), a larger N extends it. If every trial
+fails, the script exits 2 naming the first failure and its log. The study is stored in --output-dir/optuna.db
+unless --storage names a database URL (sqlite:///..., postgresql://...) or a journal file (any other path; safe for
+several workers).
 Outputs in --output-dir (default experiments/optuna/<study-name>): optuna_best_params.json (for scripts/train.py
 --config-from), trials.csv, optimization_history.png, param_importances.png, intermediate_values.png (or
-pareto_front.png), and trials/trial-NNNN/ with each trial's configuration, trainer_state.json and trial.json.
+pareto_front.png), trials/trial-NNNN/ with each trial's configuration, trainer_state.json and trial.json, and
+logs/trial-NNNN.log (the trial's log, with the traceback of a failure).
 --seed seeds both the training runs and the sampler.
 """
 

@@ -1,11 +1,20 @@
 """Optuna search on the tiny real model and a small real SynthDocs folder: pruning, failed trials, resuming, the memory
 constraint (InternVL3.5-1B's real shape on the meta device), multi-objective Pareto fronts, and the outputs."""
 
+import glob
 import json
+import logging
+import math
 import os
+import pwd
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -24,11 +33,12 @@ from colintern.tuning.search import (
     check_memory,
     counted_trials,
     default_search_space_path,
+    fail_stale_trials,
+    open_storage,
     parse_objectives,
     run_search,
 )
 from colintern.utils import ColinternError
-
 from tests.conftest import REPO_ROOT
 
 
@@ -295,3 +305,270 @@ def test_script_errors_are_one_line(capsys, tmp_path):
     argv = ["--preset", "demo", "--output-dir", str(tmp_path), "--objective", "memory"]
     assert run(script.main, script.build_parser(), argv) == 2
     assert "error: --objective memory: the first objective must be" in capsys.readouterr().err
+
+
+
+def test_storage_errors_are_one_line(tmp_path):
+    """--storage bogus:// used to end in SQLAlchemy's traceback; a refused connection names the URL without its
+    password."""
+    with pytest.raises(ColinternError, match=r"--storage bogus://x: cannot open it \(Can't load plugin"):
+        open_storage("bogus://x", tmp_path)
+    with pytest.raises(ColinternError, match=r"--storage postgresql://user:\*\*\*@127.0.0.1:1/x: cannot open it") as e:
+        open_storage("postgresql://user:secret@127.0.0.1:1/x", tmp_path)
+    assert "secret" not in str(e.value)
+    assert isinstance(open_storage(str(tmp_path / "s.journal"), tmp_path), optuna.storages.JournalStorage)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_workers_and_optunas_heartbeat_retry(tmp_path):
+    """Which trials belong to a dead worker, and Optuna's heartbeat retrying a silent one (a worker on another
+    machine, which the process check cannot see) with the dead run's attributes left out of the retry."""
+    from colintern.tuning.search.storage import retry_stale_trial, worker_identity, worker_is_gone
+
+    me = worker_identity()
+    assert not worker_is_gone(me)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    assert worker_is_gone({**me, "pid": exited.pid, "start": None})
+    assert worker_is_gone({**me, "start": me["start"] + 1})  # the pid now belongs to another process
+    assert not worker_is_gone({**me, "host": "elsewhere", "pid": exited.pid})  # another machine: cannot tell
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=1, grace_period=1,
+                                         heartbeat_stale_trial_callback=retry_stale_trial)
+    study = optuna.create_study(study_name="h", storage=storage)
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("worker", {**me, "host": "elsewhere"})
+    trial.set_user_attr("estimated_peak_gib", 1.5)
+    trial.set_constraint(MEMORY_CONSTRAINT, -0.5)
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
+    assert first.constraints == {MEMORY_CONSTRAINT: -0.5} and not retry.constraints  # the rerun measures its own
+    assert retry.user_attrs == {"estimated_peak_gib": 1.5, "retry_of": 0, "retry_reason": "heartbeat"}
+    assert counted_trials(study) == 0  # the retry counts once it has run, the silent trial never
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("optuna_optimizer", REPO_ROOT / "scripts" / "optuna_optimizer.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_a_study_where_every_trial_failed_is_an_error(colintern_home, small_synthdocs_dir, tmp_path, capsys):
+    """Every trial ends in a NaN loss: the script exits 2 naming the first failure and its log file (it used to
+    print an empty summary and exit 0)."""
+    from colintern.cli import run
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("parameters:\n  training.temperature: {type: categorical, choices: [0.0]}\n")
+    out = tmp_path / "study"
+    script = load_script()
+    argv = ["--preset", "demo", "--dataset", str(small_synthdocs_dir), "--max-steps", "2", "--eval-steps", "1",
+            "--num-workers", "0", "--max-eval-samples", "24", "--search-space", str(space_file), "--objective",
+            "eval_loss", "--output-dir", str(out), "--trials", "2", "--study-name", "nan"]
+    assert run(script.main, script.build_parser(), argv) == 2
+    err = capsys.readouterr().err
+    log = out / "logs" / "trial-0000.log"
+    assert "error: All 2 trial(s) of study 'nan' failed. The first, trial 0 (temperature=0), failed (nan): " \
+           "NonFiniteLossError" in err
+    assert err.rstrip().endswith(f"Its log: {log}")
+    text = log.read_text()
+    assert "Trial 0 failed (nan)" in text and "Traceback (most recent call last)" in text
+    assert "NonFiniteLossError" in text
+    record = json.loads((out / "optuna_best_params.json").read_text())  # the outputs are still written
+    assert record["optuna"]["best_trial"] is None and record["optuna"]["trials"]["failed"] == 2
+
+
+def wait_for(condition, timeout: float, what: str, processes=(), log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for process in processes:
+            if process.poll() is not None:
+                tail = log.read_text()[-3000:] if log is not None else ""
+                raise AssertionError(f"{what}: worker {process.pid} exited with {process.returncode} first\n{tail}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_killed_worker_s_trial_runs_again_exactly_once(colintern_home, small_synthdocs_dir, tmp_path, storage,
+                                                         caplog, capsys):
+    """kill -9 in the middle of a trial leaves it RUNNING; the same command again fails it and runs its
+    configuration once more, at once (it used to stay RUNNING until the heartbeat's grace period, or forever in a
+    journal file, and the resumed study sampled a new configuration instead)."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("parameters:\n  training.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}\n")
+    out = tmp_path / "study"
+    args = ["--preset", "demo", "--dataset", str(small_synthdocs_dir), "--max-steps", "6", "--eval-steps", "2",
+            "--num-workers", "0", "--max-eval-samples", "24", "--search-space", str(space_file), "--objective",
+            "eval_loss", "--output-dir", str(out), "--study-name", "k", "--trials", "1"]
+    if storage == "journal":
+        args += ["--storage", str(tmp_path / "k.journal")]
+        optuna_storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "k.journal")))
+    else:
+        optuna_storage = f"sqlite:///{out / 'optuna.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, "scripts/optuna_optimizer.py", *args], cwd=REPO_ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+
+    def training() -> bool:  # trial 0 has reported its first evaluation: it is in the middle of training
+        if not (out / "trials" / "trial-0000" / "colintern_run.json").is_file():
+            return False  # (the storage is not polled before the worker has made it: no race to create its tables)
+        study = optuna.load_study(study_name="k", storage=optuna_storage)
+        return any(t.state == TrialState.RUNNING and t.intermediate_values for t in study.trials)
+
+    try:
+        wait_for(training, 300, "trial 0 training", [worker], tmp_path / "worker.log")
+    finally:
+        worker.kill()  # SIGKILL
+        worker.wait()
+    (killed,) = optuna.load_study(study_name="k", storage=optuna_storage).trials
+    assert killed.state == TrialState.RUNNING and killed.user_attrs["worker"]["pid"] == worker.pid
+
+    from colintern.cli import run
+
+    script = load_script()
+    caplog.set_level(logging.INFO)
+    assert run(script.main, script.build_parser(), args) == 0  # the same command again (in this process: faster)
+    assert f"Trial 0: its worker (process {worker.pid}) is gone; the configuration runs again." in caplog.text
+    study = optuna.load_study(study_name="k", storage=optuna_storage)
+    first, rerun = study.trials
+    assert first.state == TrialState.FAIL and rerun.state == TrialState.COMPLETE
+    assert rerun.params == first.params and rerun.user_attrs["retry_of"] == 0
+    assert rerun.system_attrs["failed_trial"] == 0  # Optuna's record (RetryHeartbeatStaleTrialCallback)
+    assert rerun.user_attrs["worker"]["pid"] != worker.pid and counted_trials(study) == 1
+    assert "trial 1: eval_loss" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ PostgreSQL
+def postgres_bin() -> Path | None:
+    """initdb and pg_ctl: on PATH, or in Debian's /usr/lib/postgresql/<version>/bin (not on PATH)."""
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("initdb")).parent
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) for x in
+                         Path(p).parent.name.split(".") if x.isdigit()], reverse=True):
+        if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
+            return Path(folder)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url(tmp_path):
+    """A throwaway PostgreSQL cluster on a free local port (Debian: apt-get install postgresql).
+
+    PostgreSQL refuses to run as root. Run as root (as here), the cluster belongs to the package's unprivileged
+    `postgres` user and every PostgreSQL command runs through `runuser -u postgres --`; its folder is then a
+    fresh `mkdtemp` under /tmp handed to that user, because tmp_path lies below pytest's root-only (0700)
+    /tmp/pytest-of-root, which `postgres` cannot enter. Run as anyone else, the cluster lives in tmp_path."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed: no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin "
+                    "(Debian: apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver psycopg is not installed (pip install -e .[dev])")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no 'postgres' user to run PostgreSQL as")
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root, and there is no runuser to run PostgreSQL as the 'postgres' user")
+        home = Path(tempfile.mkdtemp(prefix="colintern-pg-"))
+        os.chown(home, owner.pw_uid, owner.pw_gid)
+        prefix = [shutil.which("runuser"), "-u", "postgres", "--"]
+    else:
+        home = tmp_path / "postgres"
+        home.mkdir()
+    data, port = home / "data", free_port()
+
+    def pg(*command, timeout=120):
+        return subprocess.run([*prefix, *map(str, command)], cwd=home, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
+    try:
+        made = pg(bindir / "initdb", "-D", data, "-U", "colintern", "-A", "trust", "-E", "UTF8", "--no-sync")
+        assert made.returncode == 0, made.stdout + made.stderr
+        started = pg(bindir / "pg_ctl", "-D", data, "-l", home / "server.log", "-w", "-t", "60", "-o",
+                     f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield f"postgresql://colintern@127.0.0.1:{port}/postgres"
+    finally:
+        pg(bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop", timeout=60)
+        if prefix:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def start_worker(spec: dict, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "tests.tuning.search_worker", json.dumps(spec)],
+                                cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, tmp_path, postgres_url):
+    """Two workers share a study on a real PostgreSQL server; one is killed (SIGKILL) in the middle of a trial. The
+    other runs the dead worker's configuration again: every configuration completes exactly once, and each value
+    (so the best) equals a single worker's run of the same configurations."""
+    configs = [{"training.lr": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
+    common = {"dataset": str(small_synthdocs_dir), "max_steps": 4, "eval_steps": 2, "n_trials": len(configs),
+              "space": {"training.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
+    storage = optuna.storages.RDBStorage(postgres_url)
+    study = optuna.create_study(study_name="pg", storage=storage, direction="minimize")
+    for params in configs:  # queued before the workers start, so that they never race to enqueue
+        study.enqueue_trial(params)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    shared = {**common, "storage": postgres_url, "study": "pg", "output_dir": str(tmp_path / "pg"),
+              "gate": str(gate)}
+    a = start_worker(shared, tmp_path / "a.log")
+    b = start_worker(shared, tmp_path / "b.log")
+    single = start_worker({**common, "storage": None, "study": "one", "output_dir": str(tmp_path / "one"),
+                           "enqueue": configs}, tmp_path / "single.log")
+    try:
+        wait_for(lambda: {p.name for p in gate.iterdir()} >= {f"paused-{a.pid}", f"paused-{b.pid}"}, 300,
+                 "both workers in their first trial", [a, b])
+        a.kill()  # SIGKILL, after its first training step
+        a.wait()
+        (gate / "go").touch()
+        assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+        assert single.wait(timeout=300) == 0, (tmp_path / "single.log").read_text()[-3000:]
+    finally:
+        for process in (a, b, single):
+            process.kill()
+            process.wait()
+
+    trials = optuna.load_study(study_name="pg", storage=storage).trials
+    storage.remove_session()
+    storage.engine.dispose()  # the server stops next
+    (killed,) = [t for t in trials if t.user_attrs["worker"]["pid"] == a.pid]
+    assert killed.state == TrialState.FAIL
+    assert f"its worker (process {a.pid}) is gone" in (tmp_path / "b.log").read_text()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["training.lr"] for t in complete) == sorted(c["training.lr"] for c in configs)
+    assert all(t.user_attrs["worker"]["pid"] == b.pid for t in complete)
+    (rerun,) = [t for t in complete if t.user_attrs.get("retry_of") == killed.number]
+    assert rerun.params == killed.params and len(trials) == len(configs) + 1
+
+    reference = optuna.load_study(study_name="one", storage=f"sqlite:///{tmp_path / 'one' / 'optuna.db'}")
+    assert [t.state for t in reference.trials] == [TrialState.COMPLETE] * len(configs)
+    expected = {t.params["training.lr"]: t.value for t in reference.trials}
+    for t in complete:
+        assert math.isclose(t.value, expected[t.params["training.lr"]], rel_tol=1e-6), (t.params, t.value, expected)
+    best = min(complete, key=lambda t: t.value)
+    assert best.params == reference.best_params and math.isclose(best.value, reference.best_value, rel_tol=1e-6)
