@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -138,7 +139,13 @@ def environment() -> dict:
     info["colintern_attn_implementation"] = default_attn_implementation(_device())
 
     if cuda and info["flash_attn_import"]["ok"]:
-        agreement = attention_agreement("cuda")
+        try:
+            agreement = attention_agreement("cuda")
+        except Exception as error:  # e.g. no kernel for this GPU generation: recorded
+            logger.exception("flash_attention_2 forward failed")
+            info["flash_attention_forward"] = {"error": f"{type(error).__name__}: {error}"}
+            info["passed"] = False
+            return info
         diff, noise = agreement["flash_attention_2_vs_sdpa_bf16"], agreement["bf16_vs_float32"]
         # flash-attention and SDPA differ only in the order of bf16 operations: within the bf16 rounding noise
         agreement["within_bf16_noise"] = bool(math.isfinite(diff) and diff <= 2 * noise + 1e-3)
@@ -256,8 +263,14 @@ def lora_curve(work: Path, steps: int, *, tiny: bool = False, layout: str = "sna
     build_model_seconds = time.perf_counter() - started
 
     rows = synthdocs_rows(train_rows + test_rows, page_size)
-    data_dir = write_pairs_dataset(work / "data", {"train": rows[test_rows:], "test": rows[:test_rows]}, layout)
-    del rows
+    splits = {"train": rows[test_rows:], "test": rows[:test_rows]}
+    data_dir = write_pairs_dataset(work / "data", splits, layout)
+    data_check = check_splits(data_dir, {name: len(split) for name, split in splits.items()})
+    if not data_check["ok"] and layout != "folders":
+        # recorded as what a user with a downloaded copy meets; the curve is still measured on the plain layout
+        data_dir = write_pairs_dataset(work / "data-folders", splits, "folders")
+        data_check["fell_back_to"] = "folders"
+    del rows, splits
     data_seconds = time.perf_counter() - started - build_model_seconds
 
     run_config = lora_run_config(model_dir, data_dir, work / "run", steps=steps, batch_size=batch_size,
@@ -271,7 +284,7 @@ def lora_curve(work: Path, steps: int, *, tiny: bool = False, layout: str = "sna
     result: dict = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "model": model_info,
-        "data": {"layout": layout, "train_rows": train_rows, "test_rows": test_rows, "page_size": list(page_size),
+        "data": {"layout": layout, "loader": data_check, "train_rows": train_rows, "test_rows": test_rows, "page_size": list(page_size),
                  "columns": ["query", "image", "image_filename", "answer", "source"]},
         "recipe": {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": run_config.training.warmup_steps,
                    "lora_rank": run_config.lora.rank, "dtype": run_config.model.dtype, "bf16": run_config.training.bf16,
@@ -307,8 +320,22 @@ def lora_curve(work: Path, steps: int, *, tiny: bool = False, layout: str = "sna
         peak_rss_gb=peak_rss_gb(),
     )
     finite = bool(losses) and all(math.isfinite(float(e["loss"])) for e in losses)
-    result["passed"] = bool(finite and trained.global_step == steps and (expected is None or probe.trainable == expected))
+    result["passed"] = bool(finite and trained.global_step == steps and (expected is None or probe.trainable == expected)
+                            and data_check["ok"])
     return result
+
+
+def check_splits(folder: Path, rows: dict[str, int]) -> dict:
+    """Whether colintern's loader reads each split of `folder` with its own rows (`rows`: split -> count)."""
+    from colintern.data.pairs import load_pairs
+
+    found: dict[str, int] = {}
+    for split in rows:
+        try:
+            found[split] = len(load_pairs(str(folder), split))
+        except ColinternError as error:
+            return {"ok": False, "split": split, "error": str(error), "rows_found": found}
+    return {"ok": found == rows, "rows_found": found, "rows_written": rows}
 
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -342,29 +369,38 @@ def main(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    if args.check == "environment":
-        figures = environment()
-    elif args.check == "bf16-step":
-        try:
-            lrs = [float(v) for v in args.lr.split(",") if v.strip()]
-        except ValueError as error:
-            raise ColinternError(f"--lr must be comma-separated numbers, not '{args.lr}'") from error
-        figures = bf16_steps(lrs, args.device)
-    else:
-        with work_folder(args.work_dir) as work:
-            figures = lora_curve(work, args.steps, tiny=args.tiny, layout=args.layout, batch_size=args.batch_size,
-                                 train_rows=args.train_rows, test_rows=args.test_rows, lr=args.lr,
-                                 eval_steps=args.eval_steps)
-    payload = {
-        "check": f"gpu-{args.check}",
-        "command": command_line(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_info(),
-        **figures,
-    }
-    atomic_write_json(args.output, payload)
+
+    def write(figures: dict) -> dict:
+        payload = {
+            "check": f"gpu-{args.check}",
+            "command": command_line(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "machine": machine_info(),
+            **figures,
+        }
+        atomic_write_json(args.output, payload)
+        return payload
+
+    try:
+        if args.check == "environment":
+            figures = environment()
+        elif args.check == "bf16-step":
+            try:
+                lrs = [float(v) for v in args.lr.split(",") if v.strip()]
+            except ValueError as error:
+                raise ColinternError(f"--lr must be comma-separated numbers, not '{args.lr}'") from error
+            figures = bf16_steps(lrs, args.device)
+        else:
+            with work_folder(args.work_dir) as work:
+                figures = lora_curve(work, args.steps, tiny=args.tiny, layout=args.layout, batch_size=args.batch_size,
+                                     train_rows=args.train_rows, test_rows=args.test_rows, lr=args.lr,
+                                     eval_steps=args.eval_steps)
+    except Exception as error:  # e.g. out of GPU memory: the JSON says so too; the traceback goes on as usual
+        write({"passed": False, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+        raise
+    payload = write(figures)
     verdict = {True: "passed", False: "FAILED", None: "recorded (nothing to check on this machine)"}[payload["passed"]]
     print(f"{args.check}: {verdict}; written {args.output}")
     if payload.get("error"):
