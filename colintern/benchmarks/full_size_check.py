@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from transformers import TrainerCallback
 
@@ -347,32 +347,77 @@ class TrainProbe(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------------- the check
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed chunks of a 4 GB model otherwise)."""
+    import ctypes
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class RssSampler:
+    """The highest resident set size seen while the `with` block runs (sampled every 0.2 s from /proc), in GB."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        from colintern.benchmarks.measure import rss_bytes
+
+        while True:
+            self.peak = max(self.peak, rss_bytes() or 0)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gb(self) -> float:
+        return round(self.peak / 2**30, 3)
+
+
 class Report:
-    """Checks run in order; each records passed, seconds and the peak RSS so far; a failure stops the rest."""
+    """Checks run in order; each records passed, seconds, its resident memory (at the start, its sampled peak, after
+    freeing) and the process's peak so far (getrusage); a failure stops the rest."""
 
     def __init__(self):
         self.checks: list[dict] = []
         self.started = time.perf_counter()
 
     def run(self, name: str, work: Callable[[], dict]) -> dict | None:
+        from colintern.benchmarks.measure import rss_bytes
+
         logger.info("check %s ...", name)
         start = time.perf_counter()
-        entry: dict[str, Any] = {"name": name}
-        try:
-            details = work()
-            entry["passed"] = bool(details.pop("passed"))
-            entry.update(details)
-        except ColinternError as error:
-            entry.update(passed=False, error=str(error))
-        except Exception as error:  # recorded in the report, traceback in the log
-            logger.exception("check %s failed", name)
-            entry.update(passed=False, error=f"{type(error).__name__}: {error}")
+        entry: dict[str, Any] = {"name": name, "rss_start_gb": round((rss_bytes() or 0) / 2**30, 3)}
+        with RssSampler() as sampler:
+            try:
+                details = work()
+                entry["passed"] = bool(details.pop("passed"))
+                entry.update(details)
+            except ColinternError as error:
+                entry.update(passed=False, error=str(error))
+            except Exception as error:  # recorded in the report, traceback in the log
+                logger.exception("check %s failed", name)
+                entry.update(passed=False, error=f"{type(error).__name__}: {error}")
         entry["seconds"] = round(time.perf_counter() - start, 1)
+        entry["rss_peak_gb"] = sampler.peak_gb
         entry["peak_rss_gb"] = peak_rss_gb()
+        release_freed_memory()
+        entry["rss_end_gb"] = round((rss_bytes() or 0) / 2**30, 3)
         self.checks.append(entry)
-        gc.collect()
-        logger.info("check %s: %s in %.0f s (peak RSS %.2f GB)", name, "ok" if entry["passed"] else "FAILED",
-                    entry["seconds"], entry["peak_rss_gb"])
+        logger.info("check %s: %s in %.0f s (RSS peak %.2f GB, %.2f GB after)", name,
+                    "ok" if entry["passed"] else "FAILED", entry["seconds"], entry["rss_peak_gb"], entry["rss_end_gb"])
         return entry if entry["passed"] else None
 
     @property
@@ -555,7 +600,7 @@ def format_report(report: dict) -> str:
     lines = [head]
     for check in report["checks"]:
         status = "ok" if check["passed"] else "FAILED"
-        lines.append(f"  {check['name']:<17} {status:<7} {check['seconds']:>7.1f} s  peak RSS {check['peak_rss_gb']:.2f} GB"
+        lines.append(f"  {check['name']:<17} {status:<7} {check['seconds']:>7.1f} s  RSS peak {check['rss_peak_gb']:5.2f} GB"
                      f"  {_summary(check)}")
     return "\n".join(lines)
 
