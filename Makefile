@@ -18,12 +18,13 @@ PIP_ARGS ?=
 STAMP := $(VENV)/.colintern-installed
 DEMO_DIR ?= experiments/demo
 
-.PHONY: install demo test clean help
+.PHONY: install demo test check-full-size clean help
 
 help:
 	@echo "make install   build .venv/ (torch, transformers, peft, colpali-engine, mteb, ...)"
 	@echo "make demo      install, then run the whole loop on the embedded default (CPU, minutes)"
 	@echo "make test      install, then run the test suite"
+	@echo "make check-full-size  the real InternVL3.5-1B architecture end to end on this machine (~10 min on 2 CPU cores)"
 
 install: $(STAMP)
 
@@ -40,6 +41,11 @@ demo: install
 test: install
 	$(VENV)/bin/lint-imports  # the layering in pyproject.toml ([tool.importlinter])
 	$(PY) -m pytest tests -q
+
+# Not part of `make test` (minutes, ~6 GB of memory): the full-size architecture written by transformers, loaded and
+# compared tensor by tensor, one LoRA step on two A4 pages, one page and one query through the mteb wrapper.
+check-full-size: install
+	$(PY) scripts/check_full_size.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
