@@ -42,14 +42,9 @@ def test_tiny_lora_curve_trains_on_a_real_format_data_set(tiny_model_dir, tmp_pa
     ])  # fmt: skip
     assert (tmp_path / "work" / "data" / "data" / "train-00000-of-00001.parquet").is_file()
     loader = report["data"]["loader"]
-    # TODO(issue 15, item 2): once the trainer reads the Hub snapshot layout, assert loader["ok"] and code == 0.
-    # Until then colintern's loader answers "has no split 'train' (found folders: data)".
-    if loader["ok"]:
-        assert loader["rows_found"] == {"train": 16, "test": 8} and "fell_back_to" not in loader
-    else:
-        assert loader["fell_back_to"] == "folders" and loader["error"]
-        assert (tmp_path / "work" / "data-folders" / "train" / "data-00000-of-00001.parquet").is_file()
-    assert report["passed"] == loader["ok"] and code == (0 if loader["ok"] else 1)
+    # colintern reads the Hub snapshot layout with its own splits (issue 15 item 2)
+    assert loader["ok"] and code == 0 and report["passed"]
+    assert loader["rows_found"] == {"train": 16, "test": 8} and "fell_back_to" not in loader
     assert [entry["step"] for entry in report["losses"]] == [1, 2]
     assert all(math.isfinite(entry["loss"]) for entry in report["losses"])
     assert [entry["step"] for entry in report["eval_losses"]] == [2]
