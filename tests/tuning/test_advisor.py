@@ -288,3 +288,27 @@ def test_largest_fitting_batch_is_monotone_in_memory_and_rank():
     assert batches == sorted(batches) and batches[0] >= 1
     assert largest_fitting_batch(ONE_B, 16, lora_rank=128) <= largest_fitting_batch(ONE_B, 16, lora_rank=8)
     assert largest_fitting_batch(ONE_B, 16, gradient_checkpointing=False) < batches[1]
+
+
+def test_the_demo_lora_preset_holds_the_advisors_settings_for_the_pretrained_backbone(tmp_path):
+    """The preset is the advisor's recommendation, not hand-picked numbers: if a rule changes, this names the drift."""
+    import json
+
+    from colintern.data.synthdocs import SynthDocsConfig
+    from colintern.model.embedded import PRETRAINED_MODEL
+    from colintern.training.arguments import RunConfig, advisor_overrides, apply_overrides, load_yaml_config, preset_path
+    from colintern.tuning.advisor import recommend
+
+    preset = RunConfig()
+    apply_overrides(preset, load_yaml_config(preset_path("demo-lora")), "preset demo-lora")
+    n_train = SynthDocsConfig(domain="b").n_train
+    advice = recommend(PRETRAINED_MODEL, dataset_size=n_train, epochs=int(preset.training.epochs))
+    (tmp_path / "advisor.json").write_text(json.dumps(advice.to_json()))
+    overrides = advisor_overrides(tmp_path / "advisor.json")  # what scripts/train.py --config-from applies
+    assert {"lr", "batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
+    for section, values in overrides.items():
+        for name, value in values.items():
+            assert getattr(getattr(preset, section), name) == value, f"demo-lora {section}.{name} != advisor {value}"
+    assert advice.total_steps == int(preset.training.epochs) * -(-n_train // advice.effective_batch_size)
+    assert preset.lora.enabled and not preset.training.train_vision and preset.training.max_steps == -1
+    assert preset.model.name_or_path == PRETRAINED_MODEL and preset.data.dataset == "embedded:synthdocs-b"
