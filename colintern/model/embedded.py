@@ -6,8 +6,10 @@ with `GotOcr2ImageProcessor`), so it loads through exactly the `from_pretrained`
 
 Aliases understood wherever a model or dataset path is expected:
     embedded:tiny-internvl3_5   the tiny base checkpoint (random weights, seed 0)
-    embedded:synthdocs          the SynthDocs corpus (seed 0)
-Both are built on first use under `$COLINTERN_HOME` (default ~/.cache/colintern) and reused afterwards.
+    embedded:synthdocs          the SynthDocs corpus (seed 0); embedded:synthdocs-a / -b its two domains
+Those are built on first use under `$COLINTERN_HOME` (default ~/.cache/colintern) and reused afterwards.
+    embedded:tiny-internvl3_5-pretrained   the tiny model trained on SynthDocs domain A, shipped in the package
+                                           (colintern/embedded/README.md says how it was made)
 """
 
 from __future__ import annotations
