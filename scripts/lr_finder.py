@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Learning-rate range test: sweep the learning rate exponentially over a few hundred real training steps, plot the
-loss against it (PNG) and suggest a value (steepest descent before divergence).
+loss against it (PNG) and suggest a value (fastai's valley rule; minimum / 10 and steepest descent are recorded too).
 
     python scripts/lr_finder.py --preset demo --output-dir experiments/lr_finder
     python scripts/lr_finder.py --peft --lr-min 1e-7 --lr-max 1e-2 --steps 300     # the real recipe (GPU)
@@ -54,8 +54,9 @@ def main(args: argparse.Namespace) -> int:
     if result.suggestion is None:
         logger.warning("No clear suggestion: %s See %s", result.why_no_suggestion(), plot)
     else:
-        print(f"Suggested learning rate: {result.suggestion:.2e}  (steepest descent; minimum of the loss at "
-              f"{result.min_loss_lr:.2e}, min/10 = {result.min_loss_lr / 10:.2e})")
+        print(f"Suggested learning rate: {result.suggestion:.2e}  ({result.rule}; valley {result.valley_lr:.2e}, "
+              f"minimum of the loss at {result.min_loss_lr:.2e}, min/10 = {result.min_over_10:.2e}, "
+              f"steepest descent {result.steepest_lr:.2e})")
     print(f"Plot: {plot}")
     return 0
 

@@ -9,6 +9,12 @@ Every combination of (band colour, logo colour, logo shape, chart type) belongs 
 pages show unseen combinations of seen attribute values. Document ids are random hex strings with no relation to
 relevance, so score ties in an untrained model cannot inflate its baseline.
 
+Domains (`embedded:synthdocs-a`, `embedded:synthdocs-b`): two disjoint parts of the corpus by attribute value, for
+pretraining on one and adapting to the other. Domain B holds every combination in which the title band or the logo
+has one of `DOMAIN_B_COLOURS` (purple, brown); domain A holds the rest, so a model trained on A never saw those
+colours, nor the words naming them. Each domain is split by combination as the whole corpus is. The whole corpus
+(`embedded:synthdocs`, no domain) is unchanged by this: same pages, same manifest.
+
 Layout on disk (`write_synthdocs(dir)`):
     train/data-*.parquet         the `vidore/colpali_train_set` columns: query, image, image_filename, answer, source
     validation/{corpus,queries,qrels}.parquet
@@ -58,6 +64,8 @@ QUERY_TEMPLATES = (
 EMBEDDED_DATASET = "embedded:synthdocs"  # the alias accepted wherever a dataset path is
 FORMAT_VERSION = 1  # bump when the rendering or the layout on disk changes
 SPLIT_FILES = ("corpus", "queries", "qrels")
+DOMAIN_B_COLOURS = ("purple", "brown")
+DOMAINS = ("a", "b")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,19 @@ class SynthDocsConfig:
     test_fraction: float = 0.15  # fraction of attribute combinations held out for the test split
     validation_fraction: float = 0.05
     max_eval_pages: int | None = None  # cap on test/validation corpus size (None: one page per held-out combination)
+    domain: str | None = None  # "a" or "b" (see DOMAINS); None: the whole corpus
+
+    def __post_init__(self) -> None:
+        if self.domain is not None and self.domain not in DOMAINS:
+            raise ValueError(f"SynthDocs domain must be one of {', '.join(DOMAINS)} or None, not {self.domain!r}")
+
+    def to_dict(self) -> dict:
+        """The generation parameters as recorded in the manifest; `domain` only when set (the whole corpus keeps the
+        manifest, and so the cache and the mteb revision, it had before domains existed)."""
+        data = asdict(self)
+        if data["domain"] is None:
+            del data["domain"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -91,9 +112,17 @@ def all_combinations() -> list[PageSpec]:
     return [PageSpec(*combo) for combo in itertools.product(COLOURS, COLOURS, SHAPES, CHARTS)]
 
 
+def in_domain(spec: PageSpec, domain: str | None) -> bool:
+    """Whether a page belongs to `domain` ("b": band or logo in DOMAIN_B_COLOURS; "a": neither; None: all)."""
+    if domain is None:
+        return True
+    novel = spec.band in DOMAIN_B_COLOURS or spec.logo_colour in DOMAIN_B_COLOURS
+    return novel if domain == "b" else not novel
+
+
 def split_combinations(config: SynthDocsConfig) -> dict[str, list[PageSpec]]:
-    """Assign every attribute combination to one split, deterministically from the seed."""
-    combos = all_combinations()
+    """Assign every attribute combination (of the config's domain) to one split, deterministically from the seed."""
+    combos = [spec for spec in all_combinations() if in_domain(spec, config.domain)]
     random.Random(f"synthdocs-split-{config.seed}").shuffle(combos)
     n_test = round(len(combos) * config.test_fraction)
     n_val = round(len(combos) * config.validation_fraction)
@@ -308,7 +337,7 @@ def write_synthdocs(output_dir: str | Path, config: SynthDocsConfig = SynthDocsC
                     table = table.cast_column("image", image_feature)
                 table.to_parquet(str(tmp / split / f"{name}.parquet"))
             counts[split] = {name: len(rows) for name, rows in tables.items()}
-        manifest = {"name": "SynthDocs", "config": asdict(config), "counts": counts, "format_version": FORMAT_VERSION}
+        manifest = {"name": "SynthDocs", "config": config.to_dict(), "counts": counts, "format_version": FORMAT_VERSION}
         (tmp / "synthdocs.json").write_text(json.dumps(manifest, indent=2))
     return output_dir
 
@@ -317,18 +346,32 @@ def read_manifest(path: str | Path) -> dict:
     return json.loads((Path(path) / "synthdocs.json").read_text())
 
 
-def ensure_synthdocs(root: str | Path | None = None) -> Path:
-    """Path of the SynthDocs corpus, rendering it on first use under `$COLINTERN_HOME` (safe under concurrent callers)."""
-    path = Path(root or cache_dir()) / "synthdocs"
-    expected = {"format_version": FORMAT_VERSION, "config": asdict(SynthDocsConfig())}
+def ensure_synthdocs(root: str | Path | None = None, domain: str | None = None) -> Path:
+    """Path of the SynthDocs corpus (or one domain of it), rendering it on first use under `$COLINTERN_HOME` (safe
+    under concurrent callers)."""
+    config = SynthDocsConfig(domain=domain)
+    name = "synthdocs" if domain is None else f"synthdocs-{domain}"
+    path = Path(root or cache_dir()) / name
+    expected = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
     if manifest_matches(path, "synthdocs.json", expected):
         return path
-    with file_lock(path.parent / ".synthdocs.lock"):
+    with file_lock(path.parent / f".{name}.lock"):
         if not manifest_matches(path, "synthdocs.json", expected):
-            write_synthdocs(path)
+            write_synthdocs(path, config)
     return path
 
 
+DOMAIN_DATASETS = {f"{EMBEDDED_DATASET}-{domain}": domain for domain in DOMAINS}  # embedded:synthdocs-a, -b
+
+
+def is_embedded_dataset(name: str) -> bool:
+    return name == EMBEDDED_DATASET or name in DOMAIN_DATASETS
+
+
 def resolve_dataset(name_or_path: str) -> str:
-    """`embedded:synthdocs` -> the local corpus (rendered if needed); any other dataset name or path passes through."""
-    return str(ensure_synthdocs()) if name_or_path == EMBEDDED_DATASET else name_or_path
+    """`embedded:synthdocs[-a|-b]` -> the local corpus or domain (rendered if needed); other names pass through."""
+    if name_or_path == EMBEDDED_DATASET:
+        return str(ensure_synthdocs())
+    if name_or_path in DOMAIN_DATASETS:
+        return str(ensure_synthdocs(domain=DOMAIN_DATASETS[name_or_path]))
+    return name_or_path

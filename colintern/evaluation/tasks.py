@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from colintern.data.synthdocs import EMBEDDED_DATASET, resolve_dataset
+from colintern.data.synthdocs import DOMAIN_DATASETS, EMBEDDED_DATASET, resolve_dataset
 from colintern.utils import ColinternError, safe_name
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def synthdocs_revision(config=None) -> str:
     of both)."""
     from colintern.data.synthdocs import FORMAT_VERSION, SynthDocsConfig
 
-    config = asdict(config or SynthDocsConfig())
+    config = (config or SynthDocsConfig()).to_dict()
     digest = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=6).hexdigest()
     return f"v{FORMAT_VERSION}-{digest}"
 
@@ -300,6 +300,8 @@ def resolve_benchmarks(names: Sequence[str], splits: Sequence[str] | None = None
     selections = []
     for raw in names:
         name = raw.strip()
+        if name in DOMAIN_DATASETS:  # embedded:synthdocs-a / -b: that domain's held-out split
+            name = resolve_dataset(name)
         path = Path(name).expanduser()
         if path.is_dir():
             task = local_retrieval_task(path, splits)

@@ -6,8 +6,10 @@ with `GotOcr2ImageProcessor`), so it loads through exactly the `from_pretrained`
 
 Aliases understood wherever a model or dataset path is expected:
     embedded:tiny-internvl3_5   the tiny base checkpoint (random weights, seed 0)
-    embedded:synthdocs          the SynthDocs corpus (seed 0)
-Both are built on first use under `$COLINTERN_HOME` (default ~/.cache/colintern) and reused afterwards.
+    embedded:synthdocs          the SynthDocs corpus (seed 0); embedded:synthdocs-a / -b its two domains
+Those are built on first use under `$COLINTERN_HOME` (default ~/.cache/colintern) and reused afterwards.
+    embedded:tiny-internvl3_5-pretrained   the tiny model trained on SynthDocs domain A, shipped in the package
+                                           (colintern/embedded/README.md says how it was made)
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from colintern.data.synthdocs import EMBEDDED_DATASET, resolve_dataset
-from colintern.utils import atomic_directory, cache_dir, file_lock, manifest_matches
+from colintern.data.synthdocs import DOMAIN_DATASETS, EMBEDDED_DATASET, is_embedded_dataset, resolve_dataset
+from colintern.utils import ColinternError, atomic_directory, cache_dir, file_lock, manifest_matches
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:tiny-internvl3_5"
+# The tiny model trained in full on SynthDocs domain A (package data; how it was made: its colintern_embedded.json)
+PRETRAINED_MODEL = "embedded:tiny-internvl3_5-pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "embedded" / "tiny-internvl3_5-pretrained"
 IMAGE_SPECIAL_TOKENS = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -189,10 +194,48 @@ def ensure_embedded_model(root: str | Path | None = None) -> Path:
     return path
 
 
+PRETRAINED_MANIFEST = "colintern_pretrained.json"
+# what a finished full-training run folder holds that a checkpoint needs (weights, config, processor); the rest
+# (trainer state, optimizer, checkpoints) stays in the run folder
+_CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt")
+_RUN_ONLY_FILES = {"trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+                   "colintern_run.json", "data_report.json"}
+
+
+def install_pretrained(run_dir: str | Path, output_dir: str | Path, manifest: dict) -> Path:
+    """Copy a finished full-training run's checkpoint files (not its trainer state) into `output_dir`, atomically,
+    with `manifest` (how it was made, its held-out scores) as PRETRAINED_MANIFEST."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.safetensors").is_file():
+        raise ColinternError(f"{run_dir} holds no finished full-training run (no model.safetensors).")
+    with atomic_directory(output_dir) as tmp:
+        for item in sorted(run_dir.iterdir()):
+            run_only = item.name in _RUN_ONLY_FILES or item.name.startswith("data_report")
+            if item.is_file() and item.suffix in _CHECKPOINT_SUFFIXES and not run_only:
+                shutil.copy2(item, tmp / item.name)
+        (tmp / PRETRAINED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Path(output_dir)
+
+
+def pretrained_model_path() -> Path:
+    """The shipped pretrained backbone (a checkpoint folder inside the package, read in place)."""
+    if not (PRETRAINED_DIR / "model.safetensors").is_file():
+        raise ColinternError(
+            f"{PRETRAINED_MODEL} is missing from this installation ({PRETRAINED_DIR}); rebuild it with "
+            "`python scripts/build_pretrained.py` (see colintern/embedded/README.md)."
+        )
+    return PRETRAINED_DIR
+
+
 def resolve_embedded(name_or_path: str) -> str:
     """Turn an `embedded:` alias (model or dataset) into a local path, building it if needed; others pass through."""
     if name_or_path == EMBEDDED_MODEL:
         return str(ensure_embedded_model())
-    if name_or_path.startswith("embedded:") and name_or_path != EMBEDDED_DATASET:
-        raise ValueError(f"Unknown embedded asset {name_or_path!r}; known: {EMBEDDED_MODEL}, {EMBEDDED_DATASET}")
+    if name_or_path == PRETRAINED_MODEL:
+        return str(pretrained_model_path())
+    if name_or_path.startswith("embedded:") and not is_embedded_dataset(name_or_path):
+        known = ", ".join([EMBEDDED_MODEL, PRETRAINED_MODEL, EMBEDDED_DATASET, *DOMAIN_DATASETS])
+        raise ValueError(f"Unknown embedded asset {name_or_path!r}; known: {known}")
     return resolve_dataset(name_or_path)

@@ -2,9 +2,10 @@
 
 The learning rate grows exponentially from `lr_min` to `lr_max` over `steps` optimizer steps of the real training
 setup (same model, data, loss, optimizer); the loss is smoothed with a bias-corrected exponential moving average and
-the sweep stops once it diverges (smoothed loss above `divergence` x its minimum). The suggestion is the learning rate
-of steepest descent of the smoothed loss against log(lr), before the minimum: the region where a higher rate still
-makes faster progress. A second reference, the minimum's rate / 10, is reported too.
+the sweep stops once it diverges (smoothed loss above `divergence` x its minimum). Three readings of the curve are
+recorded: the steepest descent of the smoothed loss against log(lr) before its minimum (noisy: one steep wiggle
+decides it), fastai's "valley" (the middle of the longest decreasing stretch of the curve) and the minimum's rate / 10.
+The suggestion is SUGGESTION_RULE, chosen by measurement: see results/lr_finder/README.md.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class LRFinderResult:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
-    suggestion: float | None = None
+    suggestion: float | None = None  # by SUGGESTION_RULE
     min_loss_lr: float | None = None
+    steepest_lr: float | None = None
+    valley_lr: float | None = None
+    min_over_10: float | None = None
+    rule: str = ""
     diverged_at: float | None = None
     skip_start: int = SKIP_START
 
@@ -90,6 +95,42 @@ def suggest(
     return float(lrs_arr[int(np.argmin(gradient))]), float(lrs_arr[minimum])
 
 
+def valley(lrs: list[float], smoothed: list[float], skip_start: int = 10) -> float | None:
+    """fastai's "valley" rule (fastai.callback.schedule.valley): the longest decreasing subsequence of the smoothed
+    loss, and the learning rate halfway along it (start + 1/3 + 1/6 of its length, as fastai indexes it)."""
+    losses = [v for v in smoothed[skip_start:]]
+    rates = lrs[skip_start:]
+    n = len(losses)
+    if n < 3:
+        return None
+    longest = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[max_end] < longest[i]:
+                max_end = i
+                max_start = max_end - longest[max_end]
+    sections = (max_end - max_start) / 3
+    return float(rates[max_start + int(sections) + int(sections / 2)])
+
+
+SUGGESTION_RULE = "valley"  # or "min/10"; measured on the demo and the LoRA stage (results/lr_finder/README.md)
+
+
+def apply_rules(result: LRFinderResult, skip_start: int = 10, rule: str = SUGGESTION_RULE) -> LRFinderResult:
+    """Fill in the three readings of the curve and the suggestion by `rule`."""
+    if rule not in ("valley", "min/10"):
+        raise ValueError(f"unknown suggestion rule {rule!r} (valley or min/10)")
+    result.steepest_lr, result.min_loss_lr = suggest(result.lrs, result.smoothed, skip_start)
+    result.valley_lr = valley(result.lrs, result.smoothed, skip_start)
+    result.min_over_10 = result.min_loss_lr / 10 if result.min_loss_lr else None
+    result.rule = rule
+    result.suggestion = result.valley_lr if rule == "valley" else result.min_over_10
+    return result
+
+
 def find_lr(
     config: RunConfig,
     lr_min: float = 1e-7,
@@ -134,8 +175,7 @@ def find_lr(
         run.trainer.train()
     finally:
         run.stop.uninstall()
-    result.suggestion, result.min_loss_lr = suggest(result.lrs, result.smoothed, skip_start)
-    return result
+    return apply_rules(result, skip_start)
 
 
 def plot_lr_finder(result: LRFinderResult, path: str | Path, title: str = "Learning-rate range test") -> Path:
@@ -149,8 +189,14 @@ def plot_lr_finder(result: LRFinderResult, path: str | Path, title: str = "Learn
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss per step")
     ax.plot(result.lrs, result.smoothed, color="C0", linewidth=2, label="smoothed loss")
-    if result.suggestion:
-        ax.axvline(result.suggestion, color="C2", linestyle="--", label=f"suggestion {result.suggestion:.2e} (steepest)")
+    if result.valley_lr:
+        ax.axvline(result.valley_lr, color="C2", linestyle="--",
+                   label=f"valley {result.valley_lr:.2e}" + (" (suggestion)" if result.rule == "valley" else ""))
+    if result.min_over_10:
+        ax.axvline(result.min_over_10, color="C4", linestyle="--",
+                   label=f"minimum / 10 {result.min_over_10:.2e}" + (" (suggestion)" if result.rule == "min/10" else ""))
+    if result.steepest_lr:
+        ax.axvline(result.steepest_lr, color="0.5", linestyle=(0, (1, 3)), label=f"steepest {result.steepest_lr:.2e}")
     if result.min_loss_lr:
         ax.axvline(result.min_loss_lr, color="C3", linestyle=":", label=f"minimum {result.min_loss_lr:.2e}")
     if result.diverged_at:

@@ -822,6 +822,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     metrics = dict(result.metrics)
     metrics["train_wall_seconds"] = round(time.perf_counter() - started, 1)
     metrics["peak_memory_gb"] = peak_memory_gb()
+    metrics["trainable_parameters"], metrics["total_parameters"] = _parameter_counts(trainer.model)
 
     interrupted = stop.requested is not None
     if interrupted:
@@ -860,12 +861,16 @@ def peak_memory_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # kB -> GB on Linux
 
 
-def _log_trainable(model) -> None:
-    """peft's count for a PeftModel (4-bit weights counted as parameters, not bytes), transformers' otherwise."""
+def _parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total): peft's count for a PeftModel (4-bit weights counted as parameters, not bytes),
+    transformers' otherwise."""
     if hasattr(model, "get_nb_trainable_parameters"):
-        trainable, total = model.get_nb_trainable_parameters()
-    else:
-        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+        return tuple(model.get_nb_trainable_parameters())
+    return model.num_parameters(only_trainable=True), model.num_parameters()
+
+
+def _log_trainable(model) -> None:
+    trainable, total = _parameter_counts(model)
     logger.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total))
 
 

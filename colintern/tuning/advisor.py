@@ -284,9 +284,22 @@ LEARNING_RATE_BY_SIZE: tuple[tuple[float, float], ...] = (
 LORA_RANK_BY_SIZE: tuple[tuple[float, int], ...] = ((0.75e9, 16), (3e9, 32), (math.inf, 64))
 
 
+# Below the smallest published model the table has no data: there the rate follows the language model's width as
+# 1/width (the same muP law the table follows above 7B), anchored at InternVL3.5-1B (Qwen3-0.6B, 1024 wide, 5e-5 as
+# ColPali's r=32 recipe). Measured on the embedded tiny backbone (128 wide: 4e-4; results/ablations/demo-lora-lr.md):
+# the table's 7e-5 learnt 10x slower than the best rate. Models 1024 wide or wider keep the table's rate.
+WIDTH_REFERENCE = (1024, 5e-5)
+
+
 def base_learning_rate(params: int) -> float:
     """The table's learning rate for a model of `params` parameters (at effective batch 64)."""
     return next(lr for bound, lr in LEARNING_RATE_BY_SIZE if params < bound)
+
+
+def learning_rate_for(params: int, text_hidden: int) -> float:
+    """The table's rate, or 5e-5 x 1024 / width for language models narrower than InternVL3.5-1B's, if larger."""
+    width, rate = WIDTH_REFERENCE
+    return max(base_learning_rate(params), rate * width / text_hidden)
 
 
 def scale_learning_rate(
@@ -525,11 +538,14 @@ def recommend(
         f"{effective}, the reference batch of {REFERENCE_EFFECTIVE_BATCH} the learning-rate table is stated for."
     )
 
-    base = base_learning_rate(size)
+    base = learning_rate_for(size, arch.text.hidden)
     learning_rate = scale_learning_rate(base, effective)
+    narrow = base > base_learning_rate(size)
     reasoning.append(
         f"Learning rate {learning_rate:.2g}: {base:.0e} for a {_short(size)}-parameter model (< 0.5B 7e-5, ~1B "
-        f"5e-5, 3B+ 3e-5, lower beyond as 1/width)"
+        f"5e-5, 3B+ 3e-5, lower beyond as 1/width"
+        + (f"; its language model is {arch.text.hidden} wide, narrower than InternVL3.5-1B's 1024, so 5e-5 x "
+           f"1024/{arch.text.hidden}, the 1/width law of muP)" if narrow else ")")
         + (
             f", x sqrt({effective}/{REFERENCE_EFFECTIVE_BATCH}) for the effective batch (square-root scaling for "
             "Adam, Malladi et al. 2022)."

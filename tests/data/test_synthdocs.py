@@ -81,3 +81,41 @@ def test_prepare_demo_never_replaces_a_synthdocs_folder_it_did_not_write(tmp_pat
         assert "not empty" in err if not extra else "synthdocs was not written by prepare_demo" in err
         assert (tmp_path / "synthdocs" / "my-data.parquet").read_bytes() == b"the user's data"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["synthdocs"]
+
+
+def test_domains_split_the_corpus_by_colour_and_leave_the_whole_corpus_as_it_was():
+    from colintern.data.synthdocs import DOMAIN_B_COLOURS
+    from colintern.evaluation.tasks import synthdocs_revision
+
+    by_domain = {d: split_combinations(SynthDocsConfig(domain=d)) for d in ("a", "b")}
+    combos = {d: {spec for split in splits.values() for spec in split} for d, splits in by_domain.items()}
+    assert not (combos["a"] & combos["b"]) and combos["a"] | combos["b"] == set(all_combinations())
+    assert all(s.band not in DOMAIN_B_COLOURS and s.logo_colour not in DOMAIN_B_COLOURS for s in combos["a"])
+    assert all(s.band in DOMAIN_B_COLOURS or s.logo_colour in DOMAIN_B_COLOURS for s in combos["b"])
+    # domain B's held-out combinations are unseen in its own training split too
+    b = {name: set(split) for name, split in by_domain["b"].items()}
+    assert not (b["train"] & b["test"]) and len(b["test"]) == round(0.15 * len(combos["b"]))
+    a_words = " ".join(r["query"] for r in generate_train_rows(SynthDocsConfig(domain="a", n_train=200)))
+    assert not any(colour in a_words for colour in DOMAIN_B_COLOURS)  # the words are new to a domain-A model too
+    # the whole corpus: same manifest config (no `domain` key) and the mteb revision it had before domains existed
+    assert "domain" not in SynthDocsConfig().to_dict() and SynthDocsConfig(domain="b").to_dict()["domain"] == "b"
+    assert synthdocs_revision() == "v1-0386f4a0691c"
+    import hashlib
+
+    whole = split_combinations(SynthDocsConfig())
+    listing = repr([(name, [spec.describe() for spec in specs]) for name, specs in sorted(whole.items())])
+    assert hashlib.sha1(listing.encode()).hexdigest() == "6eb66ee5e26e762008647b7a24761bd676287e7e"  # as before
+
+
+def test_a_domain_folder_records_its_domain_and_resolves_by_alias(tmp_path):
+    import pytest
+
+    from colintern.data.synthdocs import read_manifest, resolve_dataset, write_synthdocs
+
+    folder = write_synthdocs(tmp_path / "b", SynthDocsConfig(domain="b", n_train=8, max_eval_pages=4))
+    assert read_manifest(folder)["config"]["domain"] == "b"
+    test_queries = datasets.Dataset.from_parquet(str(folder / "test" / "queries.parquet"))
+    assert all(any(c in q for c in ("purple", "brown")) for q in test_queries["text"])
+    with pytest.raises(ValueError, match="domain"):
+        SynthDocsConfig(domain="c")
+    assert resolve_dataset("embedded:synthdocs-x") == "embedded:synthdocs-x"  # not an alias: passes through

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from colintern.training.arguments import RunConfig
-from colintern.training.lr_finder import LRFinderResult, find_lr, plot_lr_finder, suggest
+from colintern.training.lr_finder import LRFinderResult, apply_rules, find_lr, plot_lr_finder, suggest, valley
 from colintern.utils import ColinternError
 
 from tests.training.test_trainer import small_run
@@ -56,3 +56,23 @@ def test_no_suggestion_says_why():
     assert "stopped after 3 steps, diverging at 1.00e-03" in diverged.why_no_suggestion()
     flat = LRFinderResult(lrs=list(np.logspace(-6, 0, 20)), smoothed=list(np.linspace(1, 5, 20)), min_loss_lr=1e-6)
     assert "lowest at the start of the sweep" in flat.why_no_suggestion() and "--lr-min" in flat.why_no_suggestion()
+
+
+def _curve_with_a_wiggle():
+    lrs = list(np.logspace(-6, 0, 121))
+    x = np.log10(lrs)
+    # flat (slowly rising) until 1e-4, falling steadily to a minimum at 1e-2, then diverging; one noisy dip at 1e-5
+    loss = np.where(x < -4, 3 + 0.01 * (x + 6), 3.02 - 0.8 * (x + 4)) + np.where(x > -2, 20 * (x + 2) ** 2, 0)
+    loss[np.argmin(np.abs(x + 5))] -= 0.5
+    return lrs, list(loss)
+
+
+def test_valley_is_the_middle_of_the_longest_descent_and_ignores_a_single_steep_wiggle():
+    lrs, loss = _curve_with_a_wiggle()
+    assert 5e-4 < valley(lrs, loss, skip_start=5) < 2e-3  # halfway along 1e-4 -> 1e-2
+    steepest, minimum = suggest(lrs, loss, skip_start=5)
+    assert 5e-6 < steepest < 2e-5  # the steepest-descent reading lands on the wiggle
+    assert 5e-3 < minimum < 2e-2
+    result = apply_rules(LRFinderResult(lrs=lrs, losses=loss, smoothed=loss), skip_start=5, rule="valley")
+    assert result.suggestion == result.valley_lr and result.rule == "valley"
+    assert math.isclose(apply_rules(result, skip_start=5, rule="min/10").suggestion, result.min_loss_lr / 10)

@@ -312,3 +312,43 @@ def test_script_refuses_a_bad_value_before_writing_json(capsys, tmp_path):
     assert capsys.readouterr().err.strip() == (
         "error: --lora-dropout = 5.0: must be a finite number in [0, 1) (set on the command line)")
     assert not target.exists()
+
+
+def test_the_demo_lora_preset_holds_the_advisors_settings_for_the_pretrained_backbone(tmp_path):
+    """The preset is the advisor's recommendation, not hand-picked numbers: if a rule changes, this names the drift."""
+    import json
+
+    from colintern.data.synthdocs import SynthDocsConfig
+    from colintern.model.embedded import PRETRAINED_MODEL
+    from colintern.training.arguments import RunConfig, advisor_overrides, apply_overrides, load_yaml_config, preset_path
+    from colintern.tuning.advisor import recommend
+
+    preset = RunConfig()
+    apply_overrides(preset, load_yaml_config(preset_path("demo-lora")), "preset demo-lora")
+    n_train = SynthDocsConfig(domain="b").n_train
+    advice = recommend(PRETRAINED_MODEL, dataset_size=n_train, epochs=int(preset.training.epochs))
+    (tmp_path / "advisor.json").write_text(json.dumps(advice.to_json()))
+    overrides = advisor_overrides(tmp_path / "advisor.json")  # what scripts/train.py --config-from applies
+    assert {"lr", "batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
+    for section, values in overrides.items():
+        for name, value in values.items():
+            assert getattr(getattr(preset, section), name) == value, f"demo-lora {section}.{name} != advisor {value}"
+    assert advice.total_steps == int(preset.training.epochs) * -(-n_train // advice.effective_batch_size)
+    assert preset.lora.enabled and not preset.training.train_vision and preset.training.max_steps == -1
+    assert preset.model.name_or_path == PRETRAINED_MODEL and preset.data.dataset == "embedded:synthdocs-b"
+
+
+def test_models_narrower_than_internvl3_5_1b_get_the_width_scaled_rate():
+    """Below the published sizes the rate follows 1/width from InternVL3.5-1B's 5e-5 at 1024 wide (measured on the
+    tiny backbone: results/ablations/demo-lora-lr.md); every shipped InternVL3.5 keeps the published recipes' rate."""
+    from colintern.tuning.advisor import learning_rate_for
+
+    assert learning_rate_for(int(1.06e9), 1024) == 5e-5  # InternVL3.5-1B: ColPali's 5e-5
+    assert learning_rate_for(int(0.3e9), 2048) == 7e-5  # wide enough: the table
+    assert learning_rate_for(1_075_456, 128) == pytest.approx(4e-4)  # the embedded tiny model
+    for hub_id in PRESETS:
+        rec = recommend(hub_id, vram_gib=80, num_gpus=1)
+        table = advisor.scale_learning_rate(advisor.base_learning_rate(rec.arch.backbone_params), rec.effective_batch_size)
+        assert rec.learning_rate == pytest.approx(table, rel=1e-2), hub_id
+    tiny = recommend("embedded:tiny-internvl3_5-pretrained", vram_gib=16, num_gpus=1, dataset_size=6000, epochs=1)
+    assert tiny.learning_rate == pytest.approx(4e-4) and "1024/128" in " ".join(tiny.reasoning)
