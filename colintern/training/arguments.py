@@ -161,6 +161,11 @@ class TrainingConfig:
     resume: str | None = field(
         default=None, metadata=_flag("--resume", "checkpoint folder, or 'latest' in --output-dir")
     )
+    cache_chunk_size: int | None = field(
+        default=None,
+        metadata=_flag("--cache-chunk-size", "gradient cache: embed the in-batch of --batch-size in chunks of N "
+                       "(memory of N, negatives of the whole batch, same gradients)"),
+    )
 
 
 @dataclass
