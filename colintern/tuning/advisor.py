@@ -527,15 +527,16 @@ def recommend(
         f"{effective}, the reference batch of {REFERENCE_EFFECTIVE_BATCH} the learning-rate table is stated for."
     )
 
-    cache_in_batch, cache_estimate = _gradient_cache_batch(arch, setup.replace(gradient_checkpointing=use_checkpointing),
-                                                           batch, budget)
+    cache_in_batch, cache_chunk, cache_estimate = _gradient_cache_batch(
+        arch, setup.replace(gradient_checkpointing=use_checkpointing), batch, budget
+    )
     if cache_in_batch:
         reasoning.append(
-            f"Gradient cache: in-batch {cache_in_batch} in chunks of {batch} (--batch-size {cache_in_batch} "
-            f"--cache-chunk-size {batch}) fits too ({cache_estimate.peak_gib:.1f} GiB: activations of {batch} rows "
-            f"at a time, the loss over all {cache_in_batch}): {cache_in_batch // batch}x the in-batch negatives for "
-            "about one extra forward pass of compute. The largest of 1024/512/256 that fits; the MaxSim score tensor, "
-            "quadratic in the in-batch size, is what limits it."
+            f"Gradient cache: in-batch {cache_in_batch} in chunks of {cache_chunk} (--batch-size {cache_in_batch} "
+            f"--cache-chunk-size {cache_chunk}) fits too ({cache_estimate.peak_gib:.1f} GiB: activations of "
+            f"{cache_chunk} rows at a time, the loss over all {cache_in_batch}): {cache_in_batch // batch}x the "
+            "in-batch negatives for one extra forward pass of compute. The largest of 1024/512/256/128 that fits; "
+            "the MaxSim score tensor, quadratic in the in-batch size, is what limits it."
         )
 
     base = base_learning_rate(size)
@@ -587,23 +588,27 @@ def recommend(
         reasoning=reasoning,
         notes=notes,
         cache_in_batch_size=cache_in_batch or None,
-        cache_chunk_size=batch if cache_in_batch else None,
+        cache_chunk_size=cache_chunk or None,
         cache_memory=cache_estimate,
     )
 
 
-def _gradient_cache_batch(arch, setup, chunk: int, budget: int, sizes=(1024, 512, 256)):
-    """(the largest in-batch size of `sizes`, above `chunk`, whose gradient-cache step with chunks of `chunk` fits
-    `budget`, its estimate); (0, None) when none does."""
+def _gradient_cache_batch(arch, setup, batch: int, budget: int, sizes=(1024, 512, 256, 128)):
+    """(in-batch size, chunk, estimate) of the gradient-cache step with the most in-batch negatives that fits
+    `budget`: the largest of `sizes` above `batch`, with the largest power-of-two chunk up to `batch` (down to 4)
+    that fits beside its loss; (0, 0, None) when none does."""
     from colintern.tuning.memory_model import estimate_peak_memory
 
     for size in sizes:
-        if size <= chunk:
+        if size <= batch:
             break
-        estimate = estimate_peak_memory(arch, setup.replace(per_device_batch_size=size, cache_chunk_size=chunk))
-        if estimate.peak_bytes <= budget:
-            return size, estimate
-    return 0, None
+        chunk = batch
+        while chunk >= min(4, batch):
+            estimate = estimate_peak_memory(arch, setup.replace(per_device_batch_size=size, cache_chunk_size=chunk))
+            if estimate.peak_bytes <= budget:
+                return size, chunk, estimate
+            chunk //= 2
+    return 0, 0, None
 
 
 def _at_rank(arch: ArchitectureSummary, rank: int) -> ArchitectureSummary:
@@ -696,7 +701,7 @@ def format_recommendation(rec: Recommendation) -> str:
         f"Estimated Peak Memory: {rec.memory.peak_gib:.1f} GiB of {rec.gpu.vram_gib:.1f} GiB",
         (f"Gradient Cache: in-batch {rec.cache_in_batch_size}, chunk {rec.cache_chunk_size} (--batch-size "
          f"{rec.cache_in_batch_size} --cache-chunk-size {rec.cache_chunk_size}; {rec.cache_memory.peak_gib:.1f} GiB)"
-         if rec.cache_in_batch_size else "Gradient Cache: no in-batch of 256 or more fits"),
+         if rec.cache_in_batch_size else "Gradient Cache: no in-batch above the batch size fits"),
         "",
         "Why:",
     ]
