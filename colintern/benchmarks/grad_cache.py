@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = "Gradient cache: peak memory and samples/s of one step at in-batch 32/128/512 (chunk 16) vs plain steps."
 QUERY_TOKENS = 32
+MAX_NUM_VISUAL_TOKENS = 16  # the demo's pages: one 128px tile of 16 image tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plain-sizes", type=int, nargs="*", default=[32, 128, 512],
                         help="in-batch sizes also measured as plain (un-cached) steps")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per row (the fastest is kept)")
+    parser.add_argument("--tag", default=None, help="suffix of the result file (grad-cache-<tag>.json)")
 
 
 def _trainer(model, chunk: int | None, output_dir: str):
@@ -54,7 +56,7 @@ def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -
     from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
 
     config = load_model_config(model_name)
-    arch = analyze_architecture(config, lora_rank=16)
+    arch = analyze_architecture(config, lora_rank=16, max_num_visual_tokens=MAX_NUM_VISUAL_TOKENS)
     tiles = arch.tiles_per_page
     page_tokens = tiles * arch.image_seq_length + arch.page_tokens - arch.image_tokens_per_page
     setup = TrainingMemorySetup(per_device_batch_size=batch_size, query_tokens=QUERY_TOKENS, lora_rank=16,
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": "float32",
         "lora": {"rank": 16, "dropout": 0.1},
         "query_tokens": QUERY_TOKENS,
+        "max_num_visual_tokens": MAX_NUM_VISUAL_TOKENS,
         "chunk": args.chunk,
         "method": "peak: TensorMemoryTracker (every tensor storage, from creation to release) over one step; time: "
                   f"fastest of {args.repeats} untracked step(s) after a warm-up step",
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         "note": "samples/s measured on a shared machine under load (load average per row): indicative only",
     }
     print(format_table(rows))
-    path = record("grad-cache", figures, output_dir=args.output_dir)
+    path = record("grad-cache", figures, output_dir=args.output_dir, tag=args.tag)
     print(f"\nwritten: {path}")
     return 0
 
