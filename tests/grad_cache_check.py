@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -95,12 +96,12 @@ def main(dataset: str, out_path: str) -> None:
             trainer.loss_fn = build_loss("negative-ce" if negatives else "colbert")
             inputs = batch(trainer, range(rank * 8, rank * 8 + 8), negatives)
             trainer.cache_chunk_size = 3
-            cached = gradients(trainer, lambda: trainer.training_step(model, dict(inputs)))
+            cached = gradients(trainer, partial(trainer.training_step, model, dict(inputs)))
             if dropout == 0.0:
                 trainer.cache_chunk_size = None
-                reference = gradients(trainer, lambda: trainer.training_step(model, dict(inputs)))
+                reference = gradients(trainer, partial(trainer.training_step, model, dict(inputs)))
             else:
-                reference = gradients(trainer, lambda: chunked_graph_step(trainer, model, dict(inputs), 3))
+                reference = gradients(trainer, partial(chunked_graph_step, trainer, model, dict(inputs), 3))
             results[f"dropout={dropout},negatives={negatives}"] = max_difference(cached, reference)
     torch.distributed.barrier()
     with open(f"{out_path}.{rank}", "w") as handle:

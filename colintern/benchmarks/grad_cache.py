@@ -89,7 +89,7 @@ def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -
         with tracker:
             step()
         peak = tracker.peak_bytes
-        del trainer, model
+        trainer = model = None  # released before the next row
         gc.collect()
     return {
         "in_batch": batch_size,
@@ -159,10 +159,10 @@ def format_table(rows: list[dict]) -> str:
              f"{'samples/s':>10} {'load':>5}"]
     for r in rows:
         if "oom" in r:
-            lines.append(f"{r['in_batch']:>8} {r['step']:7} {str(r['chunk'] or '-'):>5} out of memory")
+            lines.append(f"{r['in_batch']:>8} {r['step']:7} {r['chunk'] or '-'!s:>5} out of memory")
             continue
         lines.append(
-            f"{r['in_batch']:>8} {r['step']:7} {str(r['chunk'] or '-'):>5} {r['measured_peak_bytes'] / 2**20:13.1f} "
+            f"{r['in_batch']:>8} {r['step']:7} {r['chunk'] or '-'!s:>5} {r['measured_peak_bytes'] / 2**20:13.1f} "
             f"{r['predicted_peak_bytes'] / 2**20:14.1f} {r.get('peak_vs_plain_32', 0):9.2f} "
             f"{r['samples_per_second_under_load']:10.1f} {r['load_average_1min']:5.1f}"
         )

@@ -1,7 +1,6 @@
 """The training report on gradient-cache runs: the in-batch size is the per-device batch, not the chunk."""
 
 from colintern.reports.training import read_run_settings, training_report
-
 from tests.reports.test_training_report import write_run
 
 

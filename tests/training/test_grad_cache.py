@@ -8,7 +8,6 @@ import torch
 from colintern.training.grad_cache import RandomState, check_cache_chunk_size, split_batch
 from colintern.training.trainer import build_loss, build_trainer, train
 from colintern.utils import ColinternError
-
 from tests.grad_cache_check import batch, chunked_graph_step, gradients, max_difference, tiny_config
 from tests.training.test_distributed import torchrun
 
