@@ -155,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'in-batch':>8} {'step':7} {'chunk':>5} {'measured MiB':>13} {'predicted MiB':>14} {'x plain32':>9} "
-             f"{'samples/s':>10} {'load':>5}"]
+    header = (f"{'in-batch':>8} {'step':7} {'chunk':>5} {'measured MiB':>13} {'predicted MiB':>14} {'x plain32':>9} "
+              f"{'samples/s':>10} {'load':>5}")
+    lines = [header]
     for r in rows:
         if "oom" in r:
             lines.append(f"{r['in_batch']:>8} {r['step']:7} {r['chunk'] or '-'!s:>5} out of memory")
