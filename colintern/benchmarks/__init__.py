@@ -27,6 +27,7 @@ SUBBENCHMARKS: dict[str, str] = {
     "render": "colintern.benchmarks.render",
     "train-step": "colintern.benchmarks.train_step",
     "page-checks": "colintern.benchmarks.page_checks",
+    "grad-cache": "colintern.benchmarks.grad_cache",
 }
 
 RESULTS_DIR = Path("results") / "benchmarks"  # relative to the working directory (the checkout's root in the docs)

@@ -123,6 +123,7 @@ class RunSettings:
     lora_rank: int | None = None
     peft: bool | None = None
     source: str | None = None  # the colintern_run.json read; None when the run has none
+    cache_chunk_size: int | None = None  # gradient cache: the per-device batch is embedded in chunks of this size
 
     @property
     def effective_batch_size(self) -> int | None:
@@ -241,6 +242,7 @@ _SETTING_KEYS: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "loss_name", "loss_type"),
     "lora_rank": ("lora_rank", "r", "rank"),
     "peft": ("peft", "use_peft", "enabled"),
+    "cache_chunk_size": ("cache_chunk_size",),
 }
 _SETTING_SECTIONS = {"lora_rank": ("lora",), "peft": ("lora", "training", "")}
 
@@ -407,6 +409,8 @@ def _describe_settings(s: RunSettings, h: TrainingHistory) -> str:
         parts.append(
             f"batch {batch}/device x {s.gradient_accumulation_steps or 1} accumulation x {s.world_size or 1} "
             f"process(es) = {effective}"
+            + (f" (in-batch {batch} through the gradient cache, chunks of {s.cache_chunk_size})"
+               if s.cache_chunk_size and s.cache_chunk_size < batch else "")
         )
     if s.warmup_steps is not None:
         parts.append(f"warmup {s.warmup_steps} steps")
@@ -508,8 +512,11 @@ def diagnose(
                 "info",
                 f"effective batch {effective} is below the {REFERENCE_EFFECTIVE_BATCH} of the published ColPali/ColQwen"
                 " recipes (fine for a demo; expect noisier gradients and fewer in-batch negatives)",
-                f"raise gradient_accumulation_steps to about {math.ceil(REFERENCE_EFFECTIVE_BATCH / effective)}x its "
-                "value, or the per-device batch if memory allows (scripts/hyperparameter_optimizer.py)",
+                f"raise the per-device batch, with the gradient cache when memory does not allow it (e.g. --batch-size"
+                f" {max(REFERENCE_EFFECTIVE_BATCH, 2 * (settings.per_device_batch_size or 1))} --cache-chunk-size "
+                f"{min(settings.per_device_batch_size or 16, 16)}: more in-batch negatives at the memory of the chunk), "
+                f"or gradient_accumulation_steps to about {math.ceil(REFERENCE_EFFECTIVE_BATCH / effective)}x its "
+                "value (which adds no negatives)",
             )
         )
     order = {"critical": 0, "warning": 1, "info": 2}

@@ -200,6 +200,11 @@ class TrainingConfig:
         metadata=_flag("--overwrite", "start a new run in an --output-dir that holds another run's checkpoints "
                        "(they are moved to OUTPUT/previous-<time>/, not deleted)"),
     )
+    cache_chunk_size: int | None = field(
+        default=None,
+        metadata=_flag("--cache-chunk-size", "gradient cache: embed the in-batch of --batch-size in chunks of N "
+                       "(memory of N, negatives of the whole batch, same gradients)", ge=1),
+    )
 
 
 @dataclass

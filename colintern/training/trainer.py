@@ -161,8 +161,9 @@ class ColInternTrainer(Trainer):
     """transformers.Trainer with a late-interaction contrastive loss and retrieval metrics at evaluation."""
 
     def __init__(self, *args, loss_fn: torch.nn.Module, retrieval_eval=None,
-                 in_batch_loss_fn: torch.nn.Module | None = None, **kwargs):
+                 in_batch_loss_fn: torch.nn.Module | None = None, cache_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.cache_chunk_size = cache_chunk_size  # gradient cache (colintern.training.grad_cache) when set
         self.loss_fn = loss_fn
         self.in_batch_loss_fn = in_batch_loss_fn or loss_fn  # for batches without hard negatives
         self.retrieval_eval = retrieval_eval
@@ -181,14 +182,24 @@ class ColInternTrainer(Trainer):
         n_negatives = int(neg_inputs.pop("count", 0)) if neg_inputs else 0
 
         queries = model(**query_inputs)  # (B, Lq, D)
-        pages = compact_multivectors(model(**doc_inputs))  # (B, Lp, D)
+        pages = model(**doc_inputs)  # (B, Lp, D)
+        negatives = model(**neg_inputs) if n_negatives else None  # (B * N, Ln, D)
+        loss = self.embedding_loss(queries, pages, negatives, n_negatives)
+        self.check_finite(loss)
+        return (loss, (queries, pages)) if return_outputs else loss
+
+    def embedding_loss(self, queries, pages, negatives=None, n_negatives: int = 0) -> torch.Tensor:
+        """The loss from the batch's embeddings as the model returns them, every rank's pages as in-batch negatives."""
+        pages = compact_multivectors(pages)
         all_pages, offset = gather_pages(pages)
         if n_negatives:
-            negatives = compact_multivectors(model(**neg_inputs))  # (B * N, Ln, D)
+            negatives = compact_multivectors(negatives)
             negatives = negatives.view(queries.shape[0], n_negatives, *negatives.shape[1:])
-            loss = self.loss_fn(queries, all_pages, negatives, offset=offset)
-        else:
-            loss = self.in_batch_loss_fn(queries, all_pages, offset=offset)
+            return self.loss_fn(queries, all_pages, negatives, offset=offset)
+        return self.in_batch_loss_fn(queries, all_pages, offset=offset)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raise NonFiniteLossError (before any backward pass) when the loss is NaN or infinite."""
         if not torch.isfinite(loss):
             self._record_non_finite(loss)
             healthy = last_healthy_checkpoint(self.args.output_dir)
@@ -200,7 +211,6 @@ class ColInternTrainer(Trainer):
                 f"--warmup-steps, or check the data; continue with "
                 f"{f'--resume {last}' if last else 'a fresh run (no --resume)'}."
             )
-        return (loss, (queries, pages)) if return_outputs else loss
 
     def _record_non_finite(self, loss: torch.Tensor) -> None:
         """Leave the failure in trainer_state.json, so that scripts/training_report.py can name it."""
@@ -335,8 +345,21 @@ class ColInternTrainer(Trainer):
         except Exception:  # noqa: BLE001 - only for the message
             return float("nan")
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.cache_chunk_size:
+            from colintern.training.grad_cache import cached_training_step
+
+            loss = cached_training_step(self, model, inputs)
+            if loss is not None:  # None: the batch fits in one chunk, a plain step is the same
+                return loss
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
+            if self.cache_chunk_size:
+                from colintern.training.grad_cache import chunked_loss
+
+                return chunked_loss(self, model, inputs).detach(), None, None
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
@@ -741,6 +764,9 @@ def build_trainer(
         atomic_write_json(output_dir / RUN_CONFIG_FILE, record)
     if config.training.loss in NEGATIVE_LOSSES and not config.data.negatives_column:
         raise ColinternError(f"--loss {config.training.loss} needs hard negatives: set --negatives-column")
+    from colintern.training.grad_cache import check_cache_chunk_size
+
+    check_cache_chunk_size(config.training.cache_chunk_size, config.training.batch_size)
 
     torch.manual_seed(config.training.seed)
     model, processor = build_model(config)
@@ -800,6 +826,7 @@ def build_trainer(
         loss_fn=build_loss(training.loss, training.temperature),
         in_batch_loss_fn=build_loss(IN_BATCH_EQUIVALENT.get(training.loss, training.loss), training.temperature),
         retrieval_eval=RetrievalEvaluator(data.retrieval_split, processor) if eval_enabled and data.retrieval_split else None,
+        cache_chunk_size=training.cache_chunk_size,
     )
     return PreparedRun(trainer, stop, output_dir, resume)
 

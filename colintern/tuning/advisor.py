@@ -400,6 +400,10 @@ class Recommendation:
     quantize: str | None = None
     reasoning: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # gradient cache (--batch-size cache_in_batch_size --cache-chunk-size cache_chunk_size): None when none helps
+    cache_in_batch_size: int | None = None
+    cache_chunk_size: int | None = None
+    cache_memory: object = None  # its MemoryEstimate
 
     def to_json(self) -> dict:
         """The keys `scripts/train.py --config-from` reads (TrainingArguments / LoraConfig names), then context."""
@@ -417,6 +421,10 @@ class Recommendation:
             "gradient_checkpointing": self.gradient_checkpointing,
             "max_num_visual_tokens": self.arch.max_num_visual_tokens,
             **({"quantize": self.quantize} if self.quantize else {}),
+            **({"gradient_cache": {"per_device_train_batch_size": self.cache_in_batch_size,
+                                   "cache_chunk_size": self.cache_chunk_size,
+                                   "estimated_peak_memory_gb": round(self.cache_memory.peak_gib, 2)}}
+               if self.cache_in_batch_size else {}),
             "advisor": {
                 "model": self.model,
                 "gpu": self.gpu.name,
@@ -538,6 +546,18 @@ def recommend(
         f"{effective}, the reference batch of {REFERENCE_EFFECTIVE_BATCH} the learning-rate table is stated for."
     )
 
+    cache_in_batch, cache_chunk, cache_estimate = _gradient_cache_batch(
+        arch, setup.replace(gradient_checkpointing=use_checkpointing), batch, budget
+    )
+    if cache_in_batch:
+        reasoning.append(
+            f"Gradient cache: in-batch {cache_in_batch} in chunks of {cache_chunk} (--batch-size {cache_in_batch} "
+            f"--cache-chunk-size {cache_chunk}) fits too ({cache_estimate.peak_gib:.1f} GiB: activations of "
+            f"{cache_chunk} rows at a time, the loss over all {cache_in_batch}): {cache_in_batch // batch}x the "
+            "in-batch negatives for one extra forward pass of compute. The largest of 1024/512/256/128 that fits; "
+            "the MaxSim score tensor, quadratic in the in-batch size, is what limits it."
+        )
+
     base = learning_rate_for(size, arch.text.hidden)
     learning_rate = scale_learning_rate(base, effective)
     narrow = base > base_learning_rate(size)
@@ -589,7 +609,28 @@ def recommend(
         quantize=quantize,
         reasoning=reasoning,
         notes=notes,
+        cache_in_batch_size=cache_in_batch or None,
+        cache_chunk_size=cache_chunk or None,
+        cache_memory=cache_estimate,
     )
+
+
+def _gradient_cache_batch(arch, setup, batch: int, budget: int, sizes=(1024, 512, 256, 128)):
+    """(in-batch size, chunk, estimate) of the gradient-cache step with the most in-batch negatives that fits
+    `budget`: the largest of `sizes` above `batch`, with the largest power-of-two chunk up to `batch` (down to 4)
+    that fits beside its loss; (0, 0, None) when none does."""
+    from colintern.tuning.memory_model import estimate_peak_memory
+
+    for size in sizes:
+        if size <= batch:
+            break
+        chunk = batch
+        while chunk >= min(4, batch):
+            estimate = estimate_peak_memory(arch, setup.replace(per_device_batch_size=size, cache_chunk_size=chunk))
+            if estimate.peak_bytes <= budget:
+                return size, chunk, estimate
+            chunk //= 2
+    return 0, 0, None
 
 
 def _at_rank(arch: ArchitectureSummary, rank: int) -> ArchitectureSummary:
@@ -680,6 +721,9 @@ def format_recommendation(rec: Recommendation) -> str:
         f"LoRA Rank: {rec.lora_rank} (alpha {rec.lora_alpha}, dropout {rec.lora_dropout:g})",
         f"Gradient Checkpointing: {'on' if rec.gradient_checkpointing else 'off'}",
         f"Estimated Peak Memory: {rec.memory.peak_gib:.1f} GiB of {rec.gpu.vram_gib:.1f} GiB",
+        (f"Gradient Cache: in-batch {rec.cache_in_batch_size}, chunk {rec.cache_chunk_size} (--batch-size "
+         f"{rec.cache_in_batch_size} --cache-chunk-size {rec.cache_chunk_size}; {rec.cache_memory.peak_gib:.1f} GiB)"
+         if rec.cache_in_batch_size else "Gradient Cache: no in-batch above the batch size fits"),
         "",
         "Why:",
     ]

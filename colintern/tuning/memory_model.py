@@ -84,6 +84,9 @@ class TrainingMemorySetup:
             device scores its B queries against B * world_size pages.
         compact_pages: the trainer drops the prompt positions from page embeddings before the loss (MaxSim then runs
             over the image tokens only).
+        cache_chunk_size: gradient cache (`--cache-chunk-size`, colintern.training.grad_cache): activations live for
+            this many rows at a time, while the inputs, the loss (full B x B*world score tensor) and the batch's
+            embeddings with their cached gradients stay per batch. None (or >= B): a plain step.
     """
 
     per_device_batch_size: int = 8
@@ -104,6 +107,7 @@ class TrainingMemorySetup:
     quantize: str | None = None
     world_size: int = 1
     compact_pages: bool = True
+    cache_chunk_size: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES:
@@ -120,6 +124,8 @@ class TrainingMemorySetup:
             raise ValueError("quantize needs finetuning='lora': quantized weights are not trained")
         if self.per_device_batch_size < 1 or self.query_tokens < 1 or self.world_size < 1:
             raise ValueError("per_device_batch_size, query_tokens and world_size must be at least 1")
+        if self.cache_chunk_size is not None and self.cache_chunk_size < 1:
+            raise ValueError("cache_chunk_size must be at least 1 (or None)")
 
     def replace(self, **changes) -> TrainingMemorySetup:
         return dataclasses.replace(self, **changes)
@@ -386,6 +392,9 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
     text, vision = arch.text, arch.vision
     c = setup.compute_bytes
     b = setup.per_device_batch_size
+    # rows whose activations live at once: the chunk under the gradient cache, else the batch
+    ab = min(setup.cache_chunk_size or b, b)
+    cached = ab < b
     full = setup.finetuning == "full"
     rank = setup.lora_rank or arch.lora_rank
     tiles = setup.tiles_per_page or arch.tiles_per_page
@@ -444,7 +453,7 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             per_token += (text.layers - 1) * lm_layer_saved_bytes(text, setup, seq_len, padded, rank)
             per_token += lm_layer_saved_bytes(text, setup, seq_len, padded, rank, first_layer_input_grad)
         rope_tables = 2 * c * text.head_dim * seq_len  # cos and sin per position, shared by batch and layers
-        return b * seq_len * per_token + rope_tables + _attention_mask_bytes(b, seq_len, padded, setup)
+        return ab * seq_len * per_token + rope_tables + _attention_mask_bytes(ab, seq_len, padded, setup)
 
     out_bytes = 4 if setup.uses_autocast else c
     query_activations = lm_activations(lq, setup.queries_padded)
@@ -455,13 +464,20 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
     # The loss keeps the pages it scores (compacted: a new tensor, the model's output is then released), the other
     # ranks' gathered pages, and einsum's reshaped copy of all of them.
     embedding_bytes = out_bytes * arch.embedding_dim
-    if setup.compact_pages:
-        page_activations -= embedding_bytes * b * ld
-    page_activations += embedding_bytes * loss_page_tokens * (2 * scored_pages - b + b * setup.compact_pages)
+    loss_inputs = embedding_bytes * loss_page_tokens * (2 * scored_pages - b + b * setup.compact_pages)
+    cache_bytes = 0.0
+    if cached:
+        # pass 1 keeps every row's raw embeddings (queries, pages) as leaves, then their gradients for pass 2
+        cache_bytes = 2 * embedding_bytes * b * (lq + ld)
+    else:
+        if setup.compact_pages:
+            page_activations -= embedding_bytes * b * ld
+        page_activations += loss_inputs
+        loss_inputs = 0.0
 
     # -- vision tower
-    vision_tokens = tokens["vision_tokens"]
-    pixel_cast = c * pixel_elements if c < 4 else 0  # the patch embedding casts float32 pixels to the weights' dtype
+    vision_tokens = ab * tiles * vision.tokens_per_tile
+    pixel_cast = c * ab * tiles * 3 * vision.image_size**2 if c < 4 else 0  # the patch embedding casts float32 pixels to the weights' dtype
     # Live at once in a layer's MLP: residual stream, LayerNorm output, the hidden state before and after GELU.
     vision_working_set = vision_tokens * c * (2 * vision.hidden + 2 * vision.intermediate)
     if full:
@@ -469,7 +485,7 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             per_vision_token = vision.layers * c * vision.hidden
         else:
             per_vision_token = vision.layers * vision_layer_saved_bytes(vision, setup)
-        image_tokens = b * tiles * arch.image_seq_length
+        image_tokens = ab * tiles * arch.image_seq_length
         # pixel-shuffled features into the projector's LayerNorm, its output, linear_1's output (GELU), GELU's output
         projector = image_tokens * (c * (8 * vision.hidden + 2 * text.hidden) + 8)
         vision_activations = vision_tokens * per_vision_token + pixel_cast + projector
@@ -488,9 +504,9 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
     hidden_gradient_bytes = 4 if not full else c
 
     def backward_working_set(seq_len: int, padded: bool) -> float:
-        working = b * seq_len * (c * 2 * text.hidden + hidden_gradient_bytes * 3 * text.intermediate)
+        working = ab * seq_len * (c * 2 * text.hidden + hidden_gradient_bytes * 3 * text.intermediate)
         if setup.gradient_checkpointing:
-            working += b * seq_len * lm_layer_saved_bytes(text, setup, seq_len, padded, rank)
+            working += ab * seq_len * lm_layer_saved_bytes(text, setup, seq_len, padded, rank)
         return working
 
     vision_backward = 0.0
@@ -529,8 +545,15 @@ def estimate_peak_memory(arch, setup: TrainingMemorySetup) -> MemoryEstimate:
             "vision tower working set",
             vision_working_set,
             ("vision",),
-            f"{tokens['tiles']} tiles" + ("" if full else ", no_grad"),
+            f"{ab * tiles} tiles" + ("" if full else ", no_grad"),
         ),
+        MemoryPart(
+            "gradient cache: embeddings + gradients",
+            cache_bytes,
+            tuple(phase for phase in PHASES if phase != "optimizer"),
+            f"{b} rows, activations of {ab} at a time" if cached else "-",
+        ),
+        MemoryPart("loss inputs (cached pass)", loss_inputs, ("loss",), "compacted + gathered pages" if cached else "-"),
         MemoryPart(
             "MaxSim score tensor (loss)",
             loss,

@@ -249,3 +249,31 @@ def test_setup_rejects_unknown_values():
     with pytest.raises(ValueError):
         TrainingMemorySetup(finetuning="qlora")
     assert dataclasses.asdict(TrainingMemorySetup())["per_device_batch_size"] == 8
+
+
+def test_gradient_cache_keeps_activations_of_the_chunk(one_b):
+    setup = TrainingMemorySetup(per_device_batch_size=16, gradient_checkpointing=True)
+    plain_16 = estimate_peak_memory(one_b, setup)
+    cached = estimate_peak_memory(one_b, setup.replace(per_device_batch_size=128, cache_chunk_size=16))
+    plain_128 = estimate_peak_memory(one_b, setup.replace(per_device_batch_size=128))
+    for name in ("LM activations: queries", "backward working set: pages", "vision tower working set"):
+        assert cached.part(name).bytes == plain_16.part(name).bytes
+    # the loss and the inputs stay per batch; the embeddings and their cached gradients are added
+    assert cached.part("MaxSim score tensor (loss)").bytes == plain_128.part("MaxSim score tensor (loss)").bytes
+    assert cached.part("input batch").bytes == plain_128.part("input batch").bytes
+    assert cached.part("gradient cache: embeddings + gradients").bytes > 0
+    assert plain_16.peak_bytes < cached.peak_bytes < plain_128.peak_bytes
+    # a chunk of at least the batch is a plain step
+    same = estimate_peak_memory(one_b, setup.replace(cache_chunk_size=16))
+    assert same.peak_bytes == plain_16.peak_bytes
+
+
+def test_the_advisor_recommends_an_in_batch_size_and_a_chunk():
+    from colintern.tuning.advisor import format_recommendation, recommend
+
+    rec = recommend("OpenGVLab/InternVL3_5-1B-HF", vram_gib=80, num_gpus=1)
+    assert rec.cache_in_batch_size > rec.per_device_train_batch_size >= rec.cache_chunk_size
+    assert rec.cache_memory.peak_bytes <= 0.9 * 80 * 2**30
+    text = format_recommendation(rec)
+    assert f"--batch-size {rec.cache_in_batch_size} --cache-chunk-size {rec.cache_chunk_size}" in text
+    assert rec.to_json()["gradient_cache"]["cache_chunk_size"] == rec.cache_chunk_size
