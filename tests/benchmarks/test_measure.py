@@ -1,6 +1,15 @@
 import pytest
 
-from colintern.benchmarks.measure import PeakMemory, format_table, reset_peak_rss
+from colintern.benchmarks.measure import (
+    QUIET_LOAD_PER_CORE,
+    PeakMemory,
+    RoundStats,
+    conditions,
+    format_table,
+    interleaved_order,
+    interleaved_rounds,
+    reset_peak_rss,
+)
 
 
 def test_peak_memory_counts_what_the_work_allocates_and_not_what_came_before():
@@ -24,13 +33,6 @@ def test_format_table_is_a_markdown_table():
 
 
 # ---------------------------------------------------------------------------------------------- interleaved rounds
-from colintern.benchmarks.measure import (  # noqa: E402
-    QUIET_LOAD_PER_CORE,
-    RoundStats,
-    conditions,
-    interleaved_order,
-    interleaved_rounds,
-)
 
 
 def test_rounds_alternate_the_order_abba():
