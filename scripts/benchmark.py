@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from colintern.benchmarks import SUBBENCHMARKS
+from colintern.benchmarks import SUBBENCHMARKS, mark_start
 from colintern.cli import run
 
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    mark_start()
     return int(args._module.run(args) or 0)
 
 

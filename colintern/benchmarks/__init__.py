@@ -5,7 +5,9 @@ A sub-benchmark is a module in this package with:
     DESCRIPTION: str
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> dict        # the figures; `record()` adds machine, versions and command
-and one line in `SUBBENCHMARKS` below.
+and one line in `SUBBENCHMARKS` below. Timings that compare implementations use `measure.interleaved_rounds`
+(alternating order, median and spread, each figure labelled quiet or under load); `record()` stores the load average
+at the benchmark's start (`mark_start()`, called by scripts/benchmark.py) and at its end in every JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ SUBBENCHMARKS: dict[str, str] = {
 }
 
 RESULTS_DIR = Path("results") / "benchmarks"  # relative to the working directory (the checkout's root in the docs)
+
+_load_at_start: tuple[float, ...] | None = None
+
+
+def mark_start() -> None:
+    """Note the load average as a benchmark starts (stored by `record()` beside the one at its end)."""
+    from colintern.benchmarks.measure import load_average
+
+    global _load_at_start
+    _load_at_start = load_average()
 
 
 def machine_info() -> dict:
@@ -67,13 +79,21 @@ def _cpu_model() -> str:
 
 
 def record(name: str, figures: dict, output_dir: str | Path | None = None, tag: str | None = None) -> Path:
-    """Write `figures` with the machine, versions, command line and time to results/benchmarks/<name>[-tag].json."""
+    """Write `figures` with the machine, versions, command line, time and the load averages at the benchmark's start
+    and end to results/benchmarks/<name>[-tag].json."""
+    from colintern.benchmarks.measure import cpu_cores, load_average
+
     output_dir = Path(output_dir) if output_dir else RESULTS_DIR
     payload = {
         "benchmark": name,
         "command": "python " + shlex.join(sys.argv),  # quoted, so it can be pasted back
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "load_average": {  # 1, 5 and 15-minute load averages; start is None when mark_start() was not called
+            "start": None if _load_at_start is None else [round(x, 2) for x in _load_at_start],
+            "end": [round(x, 2) for x in load_average()],
+            "cores": cpu_cores(),
+        },
         **figures,
     }
     path = output_dir / f"{name}{'-' + tag if tag else ''}.json"

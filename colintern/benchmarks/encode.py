@@ -4,8 +4,8 @@ batched by tile count, queries by token count, image tokens kept in 16 bits) at 
 driving the very same model and processor object.
 
 Default: the embedded tiny checkpoint (`embedded:tiny-internvl3_5`, one 128px tile per page) on SynthDocs test pages
-and queries, on the CPU. Per batch size it reports end-to-end throughput of both paths (best of `--repeats`, run
-alternately), the split of colintern's time into preprocessing (`processor.process_images` / `process_queries`) and
+and queries, on the CPU. Per batch size it reports end-to-end throughput of both paths (the median of `--repeats`
+rounds in alternating order, `measure.interleaved_rounds`, with the spread and a quiet / under-load label), the split of colintern's time into preprocessing (`processor.process_images` / `process_queries`) and
 model (forward, device transfers), its peak memory (see `colintern.benchmarks.measure`; on the CPU measured in this
 process in ascending batch order, so a later batch size may reuse memory an earlier one left cached: a lower bound),
 and model FLOPs utilisation where the accelerator's peak is known.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from colintern.cli import limits
 DESCRIPTION = "Encoding throughput: pages/s and queries/s of the evaluation path at several batch sizes (+ --full-size)"
 
 logger = logging.getLogger(__name__)
+REFERENCE = "mteb_colpali_wrapper"
 
 
 @dataclass
@@ -46,7 +48,7 @@ class EncodeRun:
     device: str | None = None
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     max_num_visual_tokens: int | None = None
-    repeats: int = 2
+    repeats: int = 3  # interleaved rounds per setting (colintern, reference, reference, colintern, ...); median counts
     reference: bool = True  # also time mteb's ColPaliEngineWrapper on the same model
     full_size: bool = False
     page_size: tuple[int, int] = (1240, 1754)
@@ -76,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         **limits(ge=1))
     parser.add_argument("--max-num-visual-tokens", type=int, default=None, help="page token budget (tiling)",
                         **limits(ge=1))
-    parser.add_argument("--repeats", type=int, default=default.repeats, help="timed passes per setting; best counts",
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved timed rounds per setting; the median counts (default 3; 1 with --quick)",
                         **limits(ge=1))
     parser.add_argument("--no-reference", action="store_true", help="skip mteb's ColPaliEngineWrapper")
     parser.add_argument(
@@ -99,7 +102,7 @@ def _plan_from_args(args: argparse.Namespace) -> EncodeRun:
         device=args.device,
         threads=args.threads,
         max_num_visual_tokens=args.max_num_visual_tokens,
-        repeats=args.repeats,
+        repeats=args.repeats or (1 if args.quick else EncodeRun.repeats),
         reference=not args.no_reference and not args.full_size,
         full_size=args.full_size,
         page_size=tuple(args.page_size),
@@ -111,7 +114,6 @@ def _plan_from_args(args: argparse.Namespace) -> EncodeRun:
         plan.n_pages, plan.page_batch_sizes, plan.query_batch_sizes = 64, (1, 4, 8, 16, 32), (1, 32, 128)
     if args.quick:
         plan.n_pages, plan.n_queries, plan.page_batch_sizes, plan.query_batch_sizes = 8, 8, (1, 4), (1, 8)
-        plan.repeats = 1
     plan.n_pages = args.pages or plan.n_pages
     plan.n_queries = args.queries or plan.n_queries
     plan.page_batch_sizes = tuple(args.batch_sizes or plan.page_batch_sizes)
@@ -209,7 +211,7 @@ def benchmark_encode(plan: EncodeRun) -> dict:
     import torch
 
     from colintern.benchmarks.full_size import forward_flops, peak_bf16_tflops
-    from colintern.benchmarks.measure import PeakMemory
+    from colintern.benchmarks.measure import PeakMemory, conditions, interleaved_rounds
     from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, InternVLArchitecture
     from colintern.model.loading import default_attn_implementation, default_device, default_dtype
     from colintern.model.encoding import encode_pages, encode_queries
@@ -277,22 +279,33 @@ def benchmark_encode(plan: EncodeRun) -> dict:
                 _reference_pass(reference, kind, items, batch_size)
 
             ours_fn(model, processor, items[:batch_size], batch_size=batch_size)  # warm-up
-            with PeakMemory(device.type) as memory:  # the first timed pass of ours also gives its peak memory
-                best = _time(ours, device)
-            best_ref = float("inf")
-            for repeat in range(max(1, plan.repeats)):  # alternate the two paths, keep the best of each
-                if repeat:
-                    best = min(best, _time(ours, device))
-                if reference is not None:
-                    best_ref = min(best_ref, _time(theirs, device))
+            if reference is not None:
+                _reference_pass(reference, kind, items[:batch_size], batch_size)
+            with PeakMemory(device.type) as memory:  # one untimed pass for the peak memory (gc runs on entry)
+                ours()
+
+            implementations = {"colintern": ours}
+            if reference is not None:
+                implementations[REFERENCE] = theirs
+            timing = interleaved_rounds(
+                implementations, plan.repeats, reference=REFERENCE if reference is not None else None,
+                own_load=float(torch.get_num_threads()), device=str(device),
+            )
+            timings.append(timing)
+            best = timing.stats["colintern"].median  # the figure quoted: the median round
             batches: list = []
             starts = range(0, len(items), batch_size)
             prep = _time(lambda: batches.extend(prepare(list(items[i : i + batch_size])) for i in starts), device)
-            model_seconds = min(_model_only_seconds(model, batches, device) for _ in range(max(1, plan.repeats)))
+            model_seconds = statistics.median(
+                _model_only_seconds(model, batches, device) for _ in range(max(1, plan.repeats))
+            )
             row = {
                 "batch_size": batch_size,
                 f"{kind}_per_second": len(items) / best,
                 "seconds": best,
+                "spread": timing.stats["colintern"].spread,
+                "seconds_per_round": timing.stats["colintern"].seconds,
+                "conditions": timing.conditions,
                 "preprocess_seconds": prep,
                 "model_seconds": model_seconds,
                 "peak_memory_mib": None if memory.peak_bytes is None else memory.peak_bytes / 2**20,
@@ -302,6 +315,9 @@ def benchmark_encode(plan: EncodeRun) -> dict:
                 row["mfu"] = flops_total / model_seconds / 1e12 / peak_tflops
                 row["mfu_end_to_end"] = flops_total / best / 1e12 / peak_tflops
             if reference is not None:
+                best_ref = timing.stats[REFERENCE].median
+                row["reference_spread"] = timing.stats[REFERENCE].spread
+                row["reference_seconds_per_round"] = timing.stats[REFERENCE].seconds
                 row["reference_per_second"] = len(items) / best_ref
                 row["speedup_vs_mteb_colpali_wrapper"] = best_ref / best
             rows.append(row)
@@ -331,8 +347,11 @@ def benchmark_encode(plan: EncodeRun) -> dict:
         "notes": plan.notes,
         "plan": {k: v for k, v in asdict(plan).items() if k not in ("notes", "model_config")},
     }
+    timings: list = []
     figures["pages"] = measure("pages", pages, plan.page_batch_sizes, flops_per_page * len(pages))
     figures["queries"] = measure("queries", queries, plan.query_batch_sizes, flops_queries)
+    readings = [load[0] for t in timings for st in t.stats.values() for load in st.load_before + st.load_after]
+    figures["conditions"] = conditions(readings, timings[0].cores, float(torch.get_num_threads()))
     best_pages = max(figures["pages"], key=lambda r: r["pages_per_second"])
     best_queries = max(figures["queries"], key=lambda r: r["queries_per_second"])
     figures["best_pages_per_second"] = best_pages["pages_per_second"]
@@ -369,7 +388,8 @@ def encode_table(figures: dict) -> str:
     out = [
         f"Encoding on {figures['device_name'] or figures['device']} ({figures['dtype']}, "
         f"{figures['attn_implementation']}), {figures['parameters'] / 1e6:.1f}M parameters, "
-        f"{figures['tiles_per_page']} tiles / {figures['tokens_per_page']} tokens per page"
+        f"{figures['tiles_per_page']} tiles / {figures['tokens_per_page']} tokens per page; medians of "
+        f"{figures['repeats']} rounds, {figures.get('conditions', 'load not recorded')}"
     ]
     for kind in ("pages", "queries"):
         rows = figures[kind]

@@ -1,4 +1,12 @@
-"""Measuring helpers shared by the sub-benchmarks: peak memory of a piece of work, isolated worker processes, tables.
+"""Measuring helpers shared by the sub-benchmarks: interleaved timing rounds labelled quiet or under load, peak memory
+of a piece of work, isolated worker processes, tables.
+
+Timing. `interleaved_rounds` runs the implementations being compared in alternating order (A B, B A, A B, ...) over
+several rounds, so a burst of load from elsewhere hits every implementation alike, and reports per implementation every
+round's time, the median (the figure quoted), min, max and the spread ((max - min) / median), with the 1-minute load
+average read before and after every round. A figure is labelled "quiet" when every reading stayed below
+`QUIET_LOAD_PER_CORE` x cores + the load the benchmark itself adds (`own_load`, by default 1: its own busy process),
+and "under load (load avg X)" with the highest reading otherwise.
 
 Peak memory on the CPU is the process's resident-set high-water mark (`VmHWM` in /proc/self/status) above its
 resident set just before the work starts. The high-water mark is reset first by writing "5" to
@@ -12,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from colintern.utils import PACKAGE_DIR, ColinternError
@@ -113,6 +123,165 @@ def timed(fn: Callable[[], object], device: str = "cpu") -> tuple[object, float]
 
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+QUIET_LOAD_PER_CORE = 0.25  # background load (beyond the benchmark's own) below which a machine counts as quiet
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15-minute load averages (/proc/loadavg); zeros where the platform has none."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def quiet_threshold(cores: int, own_load: float = 1.0) -> float:
+    """The highest 1-minute load average still counted as quiet on `cores` cores."""
+    return QUIET_LOAD_PER_CORE * cores + own_load
+
+
+def conditions(load1_readings: list[float], cores: int, own_load: float = 1.0) -> str:
+    """"quiet" when every 1-minute load average reading stayed below `quiet_threshold`, else "under load (...)"."""
+    highest = max(load1_readings, default=0.0)
+    if highest < quiet_threshold(cores, own_load):
+        return "quiet"
+    return f"under load (load avg {highest:.2f})"
+
+
+@dataclass
+class RoundStats:
+    """One implementation's times over the interleaved rounds, with the load averages around each round."""
+
+    seconds: list[float]  # every round, in round order
+    load_before: list[tuple[float, float, float]] = field(default_factory=list)
+    load_after: list[tuple[float, float, float]] = field(default_factory=list)
+    conditions: str = "quiet"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def max(self) -> float:
+        return max(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: 0.1 means the rounds lay within 10% of the median."""
+        return (self.max - self.min) / self.median if self.median > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds_median": self.median,
+            "seconds_min": self.min,
+            "seconds_max": self.max,
+            "spread": self.spread,
+            "seconds_per_round": list(self.seconds),
+            "load_average_before_rounds": [[round(x, 2) for x in load] for load in self.load_before],
+            "load_average_after_rounds": [[round(x, 2) for x in load] for load in self.load_after],
+            "conditions": self.conditions,
+        }
+
+
+@dataclass
+class Interleaved:
+    """What `interleaved_rounds` measured: per-implementation stats, the order run, and medians' ratios."""
+
+    stats: dict[str, RoundStats]
+    order: list[str]  # implementation names in the order they ran, all rounds
+    reference: str | None
+    conditions: str
+    cores: int
+    quiet_below: float
+
+    def ratios(self) -> dict[str, float]:
+        """Median time of the reference over the median of each implementation (> 1: faster than the reference)."""
+        if self.reference is None:
+            return {}
+        ref = self.stats[self.reference].median
+        return {name: ref / s.median for name, s in self.stats.items() if s.median > 0}
+
+    def to_dict(self) -> dict:
+        return {
+            "rounds": len(next(iter(self.stats.values())).seconds) if self.stats else 0,
+            "order": self.order,
+            "reference": self.reference,
+            "speedup_vs_reference_of_medians": self.ratios(),
+            "conditions": self.conditions,
+            "cores": self.cores,
+            "quiet_below_load1": self.quiet_below,
+            "implementations": {name: s.to_dict() for name, s in self.stats.items()},
+        }
+
+
+def interleaved_order(names: list[str], rounds: int) -> list[list[str]]:
+    """The order of each round: forward in even rounds, reversed in odd ones (ABBA...), so neither side always runs
+    first (warm caches, thermal state) nor always last."""
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(max(1, rounds))]
+
+
+def interleaved_rounds(
+    implementations: dict[str, Callable[[], object]],
+    rounds: int,
+    reference: str | None = None,
+    *,
+    own_load: float = 1.0,
+    load_reader: Callable[[], tuple[float, float, float]] = load_average,
+    cores: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    device: str = "cpu",
+) -> Interleaved:
+    """Run every implementation once per round, alternating the order (see `interleaved_order`).
+
+    A callable that returns a number has timed its own work (e.g. in a worker process, leaving out its start-up) and
+    that number is the round's seconds; otherwise the round's seconds are the wall-clock time of the call (CUDA
+    synchronised on `device` "cuda"). `reference`: the implementation the others' medians are compared with.
+    `own_load`: the load the benchmark itself adds to the load average (its busy threads), not counted as load."""
+    if reference is not None and reference not in implementations:
+        raise ValueError(f"reference {reference!r} is not one of {list(implementations)}")
+    cores = cores or cpu_cores()
+    stats = {name: RoundStats(seconds=[]) for name in implementations}
+    order: list[str] = []
+    for names in interleaved_order(list(implementations), rounds):
+        for name in names:
+            before = tuple(load_reader())
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            start = clock()
+            returned = implementations[name]()
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
+            elapsed = clock() - start
+            seconds = float(returned) if isinstance(returned, (int, float)) and not isinstance(returned, bool) else elapsed
+            after = tuple(load_reader())
+            s = stats[name]
+            s.seconds.append(seconds)
+            s.load_before.append(before)
+            s.load_after.append(after)
+            order.append(name)
+    for s in stats.values():
+        s.conditions = conditions([load[0] for load in s.load_before + s.load_after], cores, own_load)
+    every = [load[0] for s in stats.values() for load in s.load_before + s.load_after]
+    return Interleaved(
+        stats=stats, order=order, reference=reference, conditions=conditions(every, cores, own_load),
+        cores=cores, quiet_below=quiet_threshold(cores, own_load),
+    )
 
 
 def run_worker(module: str, args: list[str], result_file: Path, timeout: float | None = None) -> dict:

@@ -7,6 +7,8 @@ answer, source; small PNG and JPEG pages) in the Hub snapshot layout (`data/trai
     checked headers) does: rows/s;
   * `checks-cold`: colintern's page checks (`prepare_split`) with no cached result: rows/s;
   * `checks-cached`: the same checks again (what `--resume` and a second run on the same data do): seconds;
+  * (`checks-cold`, `checks-cold-1-process` and `decode-all` alternate over `--rounds` rounds,
+    `measure.interleaved_rounds`: their rows/s are medians, with the spread and a quiet / under-load label)
   * `first-step`: `scripts/train.py --preset demo --dataset SET --max-steps 1` (the embedded tiny model): seconds
     from the start of the run to the end of its first optimizer step, with a cold and with a warm check cache.
 
@@ -31,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="training pairs (default 100000)")
     parser.add_argument("--test-rows", type=int, default=1000, help="rows of the test split (default 1000)")
     parser.add_argument("--page-size", type=int, default=64, help="page side in pixels (default 64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the compared checks and decoding; the median counts (default 3)")
     parser.add_argument("--workdir", help="where the set is written (default: a temporary folder, removed after)")
 
 
@@ -106,16 +110,17 @@ def run(args) -> int:
 
     with tempfile.TemporaryDirectory(prefix="colintern-page-checks-") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
-        figures = benchmark_page_checks(root, args.rows, args.test_rows, args.page_size)
+        figures = benchmark_page_checks(root, args.rows, args.test_rows, args.page_size, getattr(args, "rounds", 3))
     path = record("page-checks", figures, getattr(args, "output_dir", None))
     print(summary(figures))
     print(f"-> {path}")
     return 0
 
 
-def benchmark_page_checks(root: Path, rows: int, test_rows: int, page_size: int) -> dict:
-    """Write the set under `root`, then run every measurement in its own process (caches under `root`)."""
-    from colintern.benchmarks.measure import run_worker
+def benchmark_page_checks(root: Path, rows: int, test_rows: int, page_size: int, rounds: int = 3) -> dict:
+    """Write the set under `root`, then run every measurement in its own process (caches under `root`); the compared
+    rows/s (cold checks, one process, decoding all) are medians of `rounds` interleaved rounds."""
+    from colintern.benchmarks.measure import interleaved_rounds, run_worker
 
     started = time.perf_counter()
     snapshot = write_hub_snapshot(root / "colpali_train_set", rows, test_rows, page_size=page_size)
@@ -140,10 +145,28 @@ def benchmark_page_checks(root: Path, rows: int, test_rows: int, page_size: int)
         worker("embedded-model", "model")  # built once, so the first-step figures do not include it
         worker("first-step-cold", "first-step")  # datasets converts the parquet files, pages checked afresh
         worker("first-step-warm", "first-step")  # a second run / --resume on the same data
-        worker("checks-cold", "checks", "--no-cache")
         worker("checks-cached", "checks")
-        worker("checks-cold-1-process", "checks", "--no-cache", "--processes", "1")
-        worker("decode-all", "decode", "--limit", str(min(rows, 20_000)))
+        # the compared rows/s: interleaved over `rounds` (each round's own seconds), medians with the conditions
+        compared = {
+            "checks-cold": ("checks", "--no-cache"),
+            "checks-cold-1-process": ("checks", "--no-cache", "--processes", "1"),
+            "decode-all": ("decode", "--limit", str(min(rows, 20_000))),
+        }
+        per_round: dict[str, list[dict]] = {name: [] for name in compared}
+
+        def one_round(name: str):
+            def call() -> float:
+                per_round[name].append(worker(name, *compared[name]))
+                return per_round[name][-1]["seconds"]
+
+            return call
+
+        timing = interleaved_rounds({name: one_round(name) for name in compared}, rounds)
+        for name, stats in timing.stats.items():
+            result = results[name]
+            result.update(stats.to_dict())
+            result["seconds"] = round(stats.median, 2)
+            result["rows_per_second"] = round(result["rows"] / stats.median, 1)
     finally:
         for key, value in saved_env.items():
             if value is None:
@@ -152,13 +175,16 @@ def benchmark_page_checks(root: Path, rows: int, test_rows: int, page_size: int)
                 os.environ[key] = value
     return {
         "rows": rows, "test_rows": test_rows, "page_size": page_size, "write_seconds": round(write_seconds, 1),
-        "cpus": len(os.sched_getaffinity(0)), "runs": results,
+        "cpus": len(os.sched_getaffinity(0)), "rounds": rounds, "conditions": timing.conditions,
+        "timing": {k: v for k, v in timing.to_dict().items() if k != "implementations"}, "runs": results,
     }
 
 
 def summary(figures: dict) -> str:
     runs = figures["runs"]
-    lines = [f"{figures['rows']} training pairs, {figures['page_size']}px PNG/JPEG pages, {figures['cpus']} CPUs"]
+    lines = [f"{figures['rows']} training pairs, {figures['page_size']}px PNG/JPEG pages, {figures['cpus']} CPUs"
+             + (f"; rows/s are medians of {figures['rounds']} rounds, {figures['conditions']}" if "conditions" in figures
+                else "")]
     for name in ("first-step-cold", "first-step-warm"):
         lines.append(f"  {name:24s} {runs[name]['seconds_to_first_step']:8.1f} s from start to the first step's end")
     for name in ("checks-cold", "checks-cold-1-process", "decode-all"):
@@ -228,7 +254,7 @@ def _checks(args) -> dict:
     prepare_split(dataset, query_column="query", image_column="image", split="train", negatives_column=None,
                   validate=True, skip_bad_rows=False, cache=not args.no_cache)
     seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 2), "rows_per_second": round(len(dataset) / seconds, 1)}
+    return {"rows": len(dataset), "seconds": seconds, "rows_per_second": round(len(dataset) / seconds, 1)}
 
 
 def _decode_all(args) -> dict:
@@ -242,7 +268,7 @@ def _decode_all(args) -> dict:
         for value in dataset[start : min(n_rows, start + 512)]["image"]:
             decode_image(value)
     seconds = time.perf_counter() - started
-    return {"rows": n_rows, "seconds": round(seconds, 2), "rows_per_second": round(n_rows / seconds, 1)}
+    return {"rows": n_rows, "seconds": seconds, "rows_per_second": round(n_rows / seconds, 1)}
 
 
 if __name__ == "__main__":

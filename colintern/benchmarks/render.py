@@ -3,7 +3,9 @@
 Both render the same vector-text PDFs (built here with pypdfium2: a text page per page, a coloured header band on
 every fourth) at the same DPI. The reference saves each page as an RGB PNG, which is what a hand-written loop does;
 colintern stores pages without colour as greyscale PNG (lossless) and writes parquet, and a second run reads
-every page from its cache.
+every page from its cache. The reference loop and a cold `prepare_dataset` (a fresh output folder each time)
+alternate over `--rounds` rounds (`measure.interleaved_rounds`); the seconds are medians, with the spread, the load
+averages and a quiet / under-load label.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--documents", type=int, default=4, help="number of PDFs (default 4)", **limits(ge=1))
     parser.add_argument("--pages", type=int, default=25, help="pages per PDF (default 25)", **limits(ge=1))
     parser.add_argument("--dpi", type=int, default=150, **limits(ge=10))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median counts (default 3)",
+                        **limits(ge=1))
 
 
 def build_text_pdf(path: Path, n_pages: int, seed: int) -> None:
@@ -74,6 +78,7 @@ def _size(folder: Path) -> int:
 
 def run(args) -> int:
     from colintern.benchmarks import record
+    from colintern.benchmarks.measure import interleaved_rounds
     from colintern.data.documents import PrepareConfig, prepare_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,19 +95,27 @@ def run(args) -> int:
         ))  # fmt: skip
         n_pages = args.documents * args.pages
 
-        start = time.perf_counter()
-        reference_loop(pdfs, root / "reference", args.dpi)
-        reference_s = time.perf_counter() - start
+        rounds = getattr(args, "rounds", 3)
+        made: dict[str, int] = {"reference": 0, "colintern": 0}
 
-        config = PrepareConfig(root / "pdfs", queries, root / "out", dpi=args.dpi, eval_fraction=0.0)
-        start = time.perf_counter()
-        prepare_dataset(config)
-        cold_s = time.perf_counter() - start
+        def reference() -> None:
+            made["reference"] += 1
+            reference_loop(pdfs, root / f"reference-{made['reference']}", args.dpi)
+
+        def colintern() -> None:  # cold: a fresh output folder, so no page cache
+            made["colintern"] += 1
+            prepare_dataset(PrepareConfig(root / "pdfs", queries, root / f"out-{made['colintern']}", dpi=args.dpi,
+                                          eval_fraction=0.0))
+
+        timing = interleaved_rounds({"reference": reference, "colintern": colintern}, rounds, reference="reference")
+        reference_s, cold_s = timing.stats["reference"].median, timing.stats["colintern"].median
+        config = PrepareConfig(root / "pdfs", queries, root / f"out-{made['colintern']}", dpi=args.dpi,
+                               eval_fraction=0.0)
         config.overwrite = True  # the re-run writes over its own output
         start = time.perf_counter()
         prepare_dataset(config)
         warm_s = time.perf_counter() - start
-        reference_bytes, colintern_bytes = _size(root / "reference"), _size(root / "out" / "train")
+        reference_bytes, colintern_bytes = _size(root / "reference-1"), _size(root / "out-1" / "train")
 
     figures = {
         "pages": n_pages,
@@ -114,10 +127,13 @@ def run(args) -> int:
                       "seconds": round(cold_s, 2), "pages_per_second": round(n_pages / cold_s, 2),
                       "cached_rerun_seconds": round(warm_s, 2), "megabytes": round(colintern_bytes / 1e6, 2)},
         "speedup_vs_reference": round(reference_s / cold_s, 2),
+        "rounds": rounds,
+        "conditions": timing.conditions,
+        "timing": timing.to_dict(),
         "size_ratio_vs_reference": round(colintern_bytes / reference_bytes, 3),
     }  # fmt: skip
     path = record("render", figures, getattr(args, "output_dir", None))
-    print(f"{n_pages} pages at {args.dpi} dpi")
+    print(f"{n_pages} pages at {args.dpi} dpi, medians of {rounds} rounds, {timing.conditions}")
     print(f"  reference loop: {figures['reference']['seconds']:7.2f} s  {figures['reference']['megabytes']:7.2f} MB")
     print(f"  prepare_dataset:{figures['colintern']['seconds']:7.2f} s  {figures['colintern']['megabytes']:7.2f} MB  "
           f"(re-run from the cache {warm_s:.2f} s)")

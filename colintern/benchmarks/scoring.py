@@ -10,7 +10,9 @@ and then a realistic crowd of near-tied scores, the hard case for ranking agreem
 
 Protocol. Each implementation runs in its own fresh Python process (`measure.run_worker`), which imports its library,
 builds the inputs from the seed, runs a warm-up call on 2 queries x 2 pages (thread pools, lazy initialisation),
-then times `repeats` full calls and keeps the fastest. Peak memory is the resident-set high-water mark above the
+then times `repeats` full calls and keeps the fastest as that round's time. The implementations alternate over
+`rounds` rounds (`measure.interleaved_rounds`: A B, B A, ...); `seconds`, GFLOP/s and the speed-ups are medians
+over the rounds, reported with min, max, spread, the load averages and a quiet / under-load label. Peak memory is the resident-set high-water mark above the
 resident set just before the call, the mark being reset first (see `colintern.benchmarks.measure`): it counts every
 byte the scorer itself touches (padded copies, casts, similarity blocks, the output) and nothing from building the
 inputs or from another implementation. On CUDA it is the allocator's peak above the memory in use before the call.
@@ -28,7 +30,6 @@ and `top10_overlap_strict` compares against `torch.topk` of its scores (ties bro
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -228,7 +229,7 @@ def _worker_main(argv: list[str]) -> None:
 
 
 def _merge_rounds(previous: dict | None, new: dict) -> dict:
-    """Best time and highest peak memory over rounds; every timed call is kept."""
+    """Highest peak memory over rounds; every timed call is kept (`seconds` here is the best; medians come later)."""
     if previous is None:
         return new
     merged = {**previous, **{k: v for k, v in new.items() if k == "time_by_operator" and k not in previous}}
@@ -274,7 +275,7 @@ class ScoringRun:
     device: str = "cpu"
     threads: int | None = None
     repeats: int = 1
-    rounds: int = 1  # passes over all implementations, each in a fresh process: alternating evens out load changes
+    rounds: int = 3  # passes over all implementations (alternating order), each in a fresh process; medians count
     exact_queries: int = 16
     in_process: bool = False  # all implementations in this process: fast, but peak memory is not isolated
     profile: bool = False  # record each implementation's time per operator (one extra call)
@@ -301,11 +302,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (inputs are placed there before timing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)",
                         **limits(ge=1))
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per worker process; the fastest counts",
+    parser.add_argument("--repeats", type=int, default=1, help="timed calls per round; the round's fastest counts",
                         **limits(ge=1))
     parser.add_argument(
-        "--rounds", type=int, default=1,
-        help="passes over all implementations (alternating, a fresh process each); the fastest call counts",
+        "--rounds", type=int, default=ScoringRun.rounds,
+        help="passes over all implementations (order alternating, a fresh process each); the median counts (default 3)",
         **limits(ge=1),
     )
     parser.add_argument("--exact-queries", type=int, default=16, help="queries checked against float64 brute force")
@@ -361,7 +362,7 @@ def benchmark_scoring(plan: ScoringRun) -> dict:
     """Run every implementation in its own process on the same inputs; return the figures for the JSON."""
     import torch
 
-    from colintern.benchmarks.measure import run_worker
+    from colintern.benchmarks.measure import interleaved_rounds, run_worker
     from colintern.model.scoring import max_sim_reference
 
     config = plan.inputs
@@ -371,29 +372,43 @@ def benchmark_scoring(plan: ScoringRun) -> dict:
     results: dict[str, dict] = {}
     scores: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory(prefix="colintern-scoring-") as tmp:
-        for round_index, name in itertools.product(range(max(1, plan.rounds)), plan.implementations):
-            logger.info(
-                "Scoring %d queries x %d pages with %s (round %d/%d) ...",
-                config.n_queries, config.n_pages, name, round_index + 1, plan.rounds,
-            )
-            if plan.in_process:
-                result = measure_implementation(name, config, plan.device, plan.repeats, Path(tmp), plan.profile)
-            else:
-                worker_args = [
-                    "--implementation", name,
-                    "--config", json.dumps(asdict(config)),
-                    "--device", plan.device,
-                    "--repeats", str(plan.repeats),
-                    "--out-dir", tmp,
-                ]
-                if plan.threads:
-                    worker_args += ["--threads", str(plan.threads)]
-                if plan.profile:
-                    worker_args.append("--profile")
-                result = run_worker(__name__, worker_args, Path(tmp) / f"{name}.json")
-            scores[name] = torch.load(Path(tmp) / f"{name}.pt")
-            logger.info("  %s: %.2f s", name, result["seconds"])
-            results[name] = _merge_rounds(results.get(name), result)
+
+        def one_round(name: str):
+            def call() -> float:
+                round_index = len(results.get(name, {}).get("seconds_per_round", [])) + 1
+                logger.info(
+                    "Scoring %d queries x %d pages with %s (round %d/%d) ...",
+                    config.n_queries, config.n_pages, name, round_index, plan.rounds,
+                )
+                if plan.in_process:
+                    result = measure_implementation(name, config, plan.device, plan.repeats, Path(tmp), plan.profile)
+                else:
+                    worker_args = [
+                        "--implementation", name,
+                        "--config", json.dumps(asdict(config)),
+                        "--device", plan.device,
+                        "--repeats", str(plan.repeats),
+                        "--out-dir", tmp,
+                    ]
+                    if plan.threads:
+                        worker_args += ["--threads", str(plan.threads)]
+                    if plan.profile:
+                        worker_args.append("--profile")
+                    result = run_worker(__name__, worker_args, Path(tmp) / f"{name}.json")
+                scores[name] = torch.load(Path(tmp) / f"{name}.pt")
+                logger.info("  %s: %.2f s", name, result["seconds"])
+                merged = _merge_rounds(results.get(name), result)
+                merged["seconds_per_round"] = [*results.get(name, {}).get("seconds_per_round", []), result["seconds"]]
+                results[name] = merged
+                return result["seconds"]  # the fastest of `repeats` calls in this round, start-up left out
+
+            return call
+
+        reference_name = "colpali_engine" if "colpali_engine" in plan.implementations else None
+        timing = interleaved_rounds(
+            {name: one_round(name) for name in plan.implementations}, plan.rounds, reference=reference_name,
+            own_load=float(plan.threads or torch.get_num_threads()),
+        )
     load_after = os.getloadavg()
 
     queries, pages, targets = make_inputs(config)
@@ -405,6 +420,9 @@ def benchmark_scoring(plan: ScoringRun) -> dict:
 
     reference = scores.get("colpali_engine")
     for name, result in results.items():
+        result["seconds_best"] = result["seconds"]
+        result.update(timing.stats[name].to_dict())
+        result["seconds"] = timing.stats[name].median  # the figure quoted: the median over rounds
         s = scores[name]
         result["gflops_per_second"] = flops / result["seconds"] / 1e9
         result["peak_memory_mib"] = (
@@ -431,6 +449,8 @@ def benchmark_scoring(plan: ScoringRun) -> dict:
         "exact_check_queries": len(sample),
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "conditions": timing.conditions,
+        "timing": {k: v for k, v in timing.to_dict().items() if k != "implementations"},
         "notes": plan.notes,
         "implementations": results,
     }
@@ -463,6 +483,7 @@ def scoring_table(figures: dict) -> str:
         rows.append([
             name,
             r["seconds"],
+            r.get("spread"),
             r["gflops_per_second"],
             r["peak_memory_mib"],
             r["max_abs_error_vs_float64"],
@@ -471,13 +492,14 @@ def scoring_table(figures: dict) -> str:
             r.get("top10_overlap_vs_colpali_engine_strict"),
         ])
     headers = [
-        "implementation", "seconds", "GFLOP/s", "peak MiB", "max |err| vs fp64",
+        "implementation", "median s", "spread", "GFLOP/s", "peak MiB", "max |err| vs fp64",
         "max |diff| vs colpali", "top-10 overlap", "top-10 strict",
     ]
     inputs = figures["inputs"]
     title = (
         f"MaxSim, {inputs['n_queries']} queries x {inputs['n_pages']} pages, {inputs['page_tokens']} page tokens, "
-        f"{inputs['dim']}-dim {inputs['dtype']}, {figures['device']}"
+        f"{inputs['dim']}-dim {inputs['dtype']}, {figures['device']}, {figures['rounds']} rounds, "
+        f"{figures.get('conditions', 'load not recorded')}"
     )
     return title + "\n" + format_table(headers, rows)
 
@@ -491,6 +513,7 @@ def _verdict(figures: dict) -> str:
         + (f" at {memory:.2f}x its peak memory" if memory is not None else "")
         + f", top-10 overlap {figures['top10_overlap']:.4f} (strict {figures['top10_overlap_strict']:.4f})"
         + (f"; {figures['speedup_vs_mteb']:.1f}x faster than mteb" if "speedup_vs_mteb" in figures else "")
+        + f" (medians of {figures['rounds']} rounds, {figures.get('conditions', 'load not recorded')})"
     )
 
 

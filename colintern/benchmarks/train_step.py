@@ -17,7 +17,8 @@ The two ways:
 
 Each way runs in its own fresh process (`measure.run_worker`). A run takes `--warmup` untimed steps, then `--steps`
 timed ones; time is wall clock from the end of the last warm-up step to the end of the last step, so data loading,
-forward, backward and optimizer step all count. Peak memory: CUDA allocator peak on a GPU; on the CPU the main
+forward, backward and optimizer step all count. The runs alternate over `--rounds` rounds (A B, B A, ...); samples/s
+is the median round's, reported with the spread, the load averages and a quiet / under-load label. Peak memory: CUDA allocator peak on a GPU; on the CPU the main
 process's resident-set high-water mark above its size before training (DataLoader worker processes not included;
 their page decoding is the same in both ways). Losses of the timed steps are recorded so the two ways can be seen to
 optimise the same objective.
@@ -65,7 +66,7 @@ class TrainStepRun:
     colintern_workers: int | None = None  # default: the preset's dataloader_num_workers
     threads: int | None = None
     device: str | None = None
-    rounds: int = 1
+    rounds: int = 3  # every run repeated, order alternating; the median counts
     full_size: bool = False
     page_size: tuple[int, int] = (1240, 1754)
     peak_tflops: float | None = None
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)",
                         **limits(ge=1))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--rounds", type=int, default=default.rounds, help="repeat every run; the best counts",
+    parser.add_argument("--rounds", type=int, default=default.rounds,
+                        help="repeat every run, order alternating; the median counts (default 3)",
                         **limits(ge=1))
     parser.add_argument(
         "--full-size", action="store_true",
@@ -151,17 +153,22 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ orchestration
 def benchmark_train_step(plan: TrainStepRun) -> dict:
-    """Every run in its own process, `plan.rounds` times, alternating; the figures for the JSON."""
-    from colintern.benchmarks.measure import run_worker
+    """Every run in its own process, `plan.rounds` times in alternating order (`measure.interleaved_rounds`); the
+    figures for the JSON are the median rounds, with the spread, the load averages and a quiet / under-load label."""
+    import torch
+
+    from colintern.benchmarks.measure import interleaved_rounds, run_worker
 
     load_before = os.getloadavg()
-    results: dict[str, dict] = {}  # the best round of each run
+    results: dict[str, dict] = {}  # the latest round of each run; its speed is replaced by the median below
     rounds: dict[str, list[float]] = {}  # samples/s of every round
     with tempfile.TemporaryDirectory(prefix="colintern-train-step-") as tmp:
         if plan.full_size:
             _save_full_size_model(plan, Path(tmp) / "model")
-        for round_index in range(max(1, plan.rounds)):
-            for label, workers in plan.implementations():
+
+        def one_round(label: str, workers: int | None):
+            def call() -> float:
+                round_index = len(rounds.get(label, []))
                 logger.info("Training %d + %d steps the %s way (round %d/%d) ...",
                             plan.warmup, plan.steps, label, round_index + 1, plan.rounds)
                 out = Path(tmp) / f"{label}-{round_index}.json"
@@ -171,18 +178,40 @@ def benchmark_train_step(plan: TrainStepRun) -> dict:
                 result = run_worker(__name__, worker_args, out)
                 logger.info("  %s: %.2f samples/s", label, result["samples_per_second"])
                 rounds[label] = [*rounds.get(label, []), result["samples_per_second"]]
-                best = results.get(label)
-                if best is None or result["samples_per_second"] > best["samples_per_second"]:
-                    results[label] = result
+                peaks = [p for p in (result["peak_memory_bytes"], results.get(label, {}).get("peak_memory_bytes")) if p]
+                result["peak_memory_bytes"] = max(peaks) if peaks else result["peak_memory_bytes"]  # over rounds
+                results[label] = result
+                return result["seconds"]  # the timed steps only, the process's start-up and warm-up left out
+
+            return call
+
+        timing = interleaved_rounds(
+            {label: one_round(label, workers) for label, workers in plan.implementations()}, plan.rounds,
+            reference=COLPALI if plan.reference_workers else None,
+            own_load=float(plan.threads or torch.get_num_threads()),
+        )
     load_after = os.getloadavg()
     for label, result in results.items():
+        stats = timing.stats[label]
         result["rounds_samples_per_second"] = rounds[label]
+        result.update(stats.to_dict())
+        # the figure quoted: the median round (samples/s of the median time; the timed steps are the same each round)
+        result["seconds"] = stats.median
+        result["seconds_per_step"] = stats.median / result["timed_steps"]
+        result["samples_per_second"] = result["batch_size"] * result["timed_steps"] / stats.median
+        result["samples_per_second_best"] = max(rounds[label])
+        if "model_flops_per_sample" in result:
+            result["achieved_tflops"] = result["model_flops_per_sample"] * result["samples_per_second"] / 1e12
+            peak = result["peak_bf16_tflops"]
+            result["mfu"] = result["achieved_tflops"] / peak if peak else None
 
     ours, theirs = results[COLINTERN], results.get(COLPALI)
     figures: dict = {
         "plan": asdict(plan),
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "conditions": timing.conditions,
+        "timing": {k: v for k, v in timing.to_dict().items() if k != "implementations"},
         "implementations": results,
     }
     if theirs is not None:

@@ -14,7 +14,7 @@ from scripts.benchmark import main as benchmark_main
 def test_quick_encode_benchmark_writes_throughput_per_batch_size(tmp_path, tiny_model_dir, small_synthdocs_dir):
     args = build_parser().parse_args([
         "encode", "--quick", "--model", str(tiny_model_dir), "--dataset", str(small_synthdocs_dir),
-        "--device", "cpu", "--output-dir", str(tmp_path),
+        "--device", "cpu", "--repeats", "2", "--output-dir", str(tmp_path),
     ])
     assert benchmark_main(args) == 0
     result = json.loads((tmp_path / "encode.json").read_text())
@@ -25,6 +25,14 @@ def test_quick_encode_benchmark_writes_throughput_per_batch_size(tmp_path, tiny_
         assert row["speedup_vs_mteb_colpali_wrapper"] > 0 and row["model_tflops_per_second"] > 0
     assert result["tiles_per_page"] == 1 and result["forward_gflop_per_page"] > 0
     assert result["best_pages_per_second"] == max(r["pages_per_second"] for r in result["pages"])
+    # two interleaved rounds per batch size: the median round counts, with its spread and the conditions
+    for row in result["pages"] + result["queries"]:
+        assert len(row["seconds_per_round"]) == 2 and len(row["reference_seconds_per_round"]) == 2
+        assert row["seconds"] == pytest.approx(sum(row["seconds_per_round"]) / 2)  # median of two
+        assert row["speedup_vs_mteb_colpali_wrapper"] == pytest.approx(
+            sum(row["reference_seconds_per_round"]) / sum(row["seconds_per_round"]))
+        assert row["spread"] >= 0 and row["peak_memory_mib"] is not None
+    assert result["conditions"] == "quiet" or result["conditions"].startswith("under load (load avg ")
 
 
 def test_full_size_path_runs_on_a_scaled_down_config():

@@ -37,7 +37,9 @@ def test_top_k_overlap_counts_ties_with_the_reference_kth_score_as_shared():
 
 
 def test_quick_benchmark_in_process_writes_the_issue_keys(tmp_path):
-    args = build_parser().parse_args(["scoring", "--quick", "--in-process", "--output-dir", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["scoring", "--quick", "--in-process", "--rounds", "2", "--output-dir", str(tmp_path)]
+    )
     assert benchmark_main(args) == 0
     result = json.loads((tmp_path / "scoring.json").read_text())
     assert {"speedup_vs_colpali_engine", "top10_overlap", "max_abs_score_diff_vs_colpali_engine"} <= set(result)
@@ -47,6 +49,15 @@ def test_quick_benchmark_in_process_writes_the_issue_keys(tmp_path):
     assert result["top10_overlap"] >= 0.99
     assert ours["seconds"] > 0 and ours["peak_memory_bytes"] is not None
     assert result["machine"]["colpali_engine"] and result["command"].startswith("python")
+    # interleaved rounds: medians with their spread, the load averages and a quiet / under-load label
+    names = ["colintern", "colpali_engine", "mteb"]
+    assert result["timing"]["order"] == names + names[::-1]
+    assert len(ours["seconds_per_round"]) == 2 and ours["seconds"] == ours["seconds_median"]
+    assert ours["seconds_min"] <= ours["seconds"] <= ours["seconds_max"] and ours["spread"] >= 0
+    theirs = result["implementations"]["colpali_engine"]
+    assert result["speedup_vs_colpali_engine"] == pytest.approx(theirs["seconds_median"] / ours["seconds_median"])
+    assert result["conditions"] == "quiet" or result["conditions"].startswith("under load (load avg ")
+    assert len(result["load_average"]["start"]) == 3 and len(result["load_average"]["end"]) == 3
 
 
 def test_each_implementation_can_run_in_its_own_process(tmp_path):

@@ -11,7 +11,7 @@ from scripts.benchmark import main as benchmark_main
 def test_train_step_benchmark_compares_both_ways_on_the_demo_model(tmp_path, tiny_model_dir, small_synthdocs_dir):
     args = build_parser().parse_args([
         "train-step", "--dataset", str(small_synthdocs_dir), "--batch-size", "4", "--steps", "2", "--warmup", "1",
-        "--workers", "0", "--reference-workers", "0", "1", "--device", "cpu", "--threads", "1",
+        "--workers", "0", "--reference-workers", "0", "1", "--device", "cpu", "--threads", "1", "--rounds", "2",
         "--output-dir", str(tmp_path),
     ])
     assert benchmark_main(args) == 0
@@ -25,6 +25,14 @@ def test_train_step_benchmark_compares_both_ways_on_the_demo_model(tmp_path, tin
     assert runs[COLINTERN]["trainable_parameters"] == runs[COLPALI]["trainable_parameters"]
     assert result["speedup_vs_colpali_engine"] == runs[COLINTERN]["samples_per_second"] / runs[COLPALI]["samples_per_second"]
     assert "speedup_vs_colpali_engine>=1.5" in result["targets"]
+    # interleaved rounds: the median round counts, with the spread, the load averages and the conditions
+    assert result["timing"]["order"] == [COLINTERN, COLPALI, f"{COLPALI}[workers=1]",
+                                         f"{COLPALI}[workers=1]", COLPALI, COLINTERN]
+    ours = runs[COLINTERN]
+    assert len(ours["rounds_samples_per_second"]) == 2 and len(ours["seconds_per_round"]) == 2
+    assert ours["samples_per_second"] == 4 * 2 / ours["seconds_median"]
+    assert min(ours["rounds_samples_per_second"]) <= ours["samples_per_second"] <= ours["samples_per_second_best"]
+    assert result["conditions"] == "quiet" or result["conditions"].startswith("under load (load avg ")
     assert result["command"].startswith("python ") and result["machine"]["colpali_engine"]
 
 
@@ -32,7 +40,7 @@ def test_full_size_train_step_path_runs_on_a_scaled_down_spec(colintern_home, sm
     plan = TrainStepRun(
         preset="colintern3_5-1b", dataset=str(small_synthdocs_dir), batch_size=2, steps=1, warmup=1, device="cpu",
         full_size=True, tiny_full_size=True, page_size=(112, 150), peak_tflops=1.0, threads=1,
-        colintern_workers=0,
+        colintern_workers=0, rounds=1,
     )
     figures = benchmark_train_step(plan)
     ours = figures["implementations"][COLINTERN]
