@@ -162,7 +162,7 @@ def test_trained_weights_stay_float32_under_a_bf16_load_and_every_head_weight_mo
     # during warm-up (the second step of 100 runs at lr 5e-7; the first at 0): Adam's momentum from the first
     # gradient can cancel a rare update to below a float32 ulp (about 1 in 1,000 at 5e-7); in bf16 only 1% moved
     warm = small_run(tmp_path, small_synthdocs_dir, name="warm", max_steps=2, warmup_steps=100, lr=5e-5,
-                     eval_steps=0, bf16="true")
+                     eval_steps=None, bf16="true")
     warm.model.dtype, warm.lora.enabled, warm.training.train_vision = "bfloat16", peft, not peft
     warm_steps = HeadSteps()
     train(warm, callbacks=[warm_steps])

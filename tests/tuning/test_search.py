@@ -367,7 +367,7 @@ def test_a_study_where_every_trial_failed_is_an_error(colintern_home, small_synt
     from colintern.cli import run
 
     space_file = tmp_path / "space.yaml"
-    space_file.write_text("parameters:\n  training.temperature: {type: categorical, choices: [0.0]}\n")
+    space_file.write_text("parameters:\n  training.temperature: {type: categorical, choices: [1.0e-45]}\n")  # NaN loss
     out = tmp_path / "study"
     script = load_script()
     argv = ["--preset", "demo", "--dataset", str(small_synthdocs_dir), "--max-steps", "2", "--eval-steps", "1",
@@ -376,7 +376,7 @@ def test_a_study_where_every_trial_failed_is_an_error(colintern_home, small_synt
     assert run(script.main, script.build_parser(), argv) == 2
     err = capsys.readouterr().err
     log = out / "logs" / "trial-0000.log"
-    assert "error: All 2 trial(s) of study 'nan' failed. The first, trial 0 (temperature=0), failed (nan): " \
+    assert "error: All 2 trial(s) of study 'nan' failed. The first, trial 0 (temperature=1e-45), failed (nan): " \
            "NonFiniteLossError" in err
     assert err.rstrip().endswith(f"Its log: {log}")
     text = log.read_text()
