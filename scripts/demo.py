@@ -127,7 +127,8 @@ def _train_stage(run_dir: Path, advisor_json: Path, extra: list[str], retrain: b
         logger.info("   %s already holds a finished run; reusing it (--retrain to train again)", run_dir)
     else:
         command = [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--preset", "demo-lora",
-                   "--config-from", str(advisor_json), "--output-dir", str(run_dir), *extra]
+                   "--config-from", str(advisor_json), "--output-dir", str(run_dir), "--overwrite", *extra]
+        # --overwrite: the stage folder is the demo's own; an earlier (or interrupted) try is set aside, not deleted
         subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     return json.loads(results.read_text())
 
