@@ -234,13 +234,7 @@ def load_checkpoint_weights(model, folder: str | Path) -> None:
         else:
             state[name] = tensor
     missing = sorted(set(expected) - set(state) - mismatched_names)
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of the model's {len(expected)} tensors are missing ({_list_names(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not the model's ({_list_names(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} have another shape ({_list_names(mismatched, 3)})")
+    problems = _tensor_problems("model", len(expected), missing, unexpected, mismatched)
     if problems:
         raise ColinternError(
             f"Cannot resume from {folder}: its weights do not match the model being trained: {'; '.join(problems)}. "
@@ -248,6 +242,18 @@ def load_checkpoint_weights(model, folder: str | Path) -> None:
             "checkpoint or start without --resume."
         )
     model.load_state_dict(state, strict=True)
+
+
+def _tensor_problems(owner: str, n_expected: int, missing, unexpected, mismatched: list[str]) -> list[str]:
+    """What is wrong with a checkpoint's tensors against the `owner`'s ("model" or "adapter"), one phrase each."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the {owner}'s {n_expected} tensors are missing ({_list_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors are not the {owner}'s ({_list_names(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} have another shape ({_list_names(mismatched, 3)})")
+    return problems
 
 
 def check_adapter_checkpoint(model, folder: str | Path) -> None:
@@ -270,13 +276,7 @@ def check_adapter_checkpoint(model, folder: str | Path) -> None:
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
     mismatched = [f"{k} {saved[k]} (model: {expected[k]})" for k in set(saved) & set(expected) if saved[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of the adapter's {len(expected)} tensors are missing ({_list_names(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not the adapter's ({_list_names(unexpected)})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} have another shape ({_list_names(mismatched, 3)})")
+    problems = _tensor_problems("adapter", len(expected), missing, unexpected, mismatched)
     if problems:
         raise ColinternError(
             f"Cannot resume from {folder}: its adapter does not match the one being trained: {'; '.join(problems)}. "
