@@ -67,10 +67,14 @@ def encode_queries(
             raise ColinternError(f"Query {index} is {type(query).__name__}, not text: give every query as a string.")
     device = _model_device(model)
     formatted = [processor.format_query(query) for query in queries]
-    lengths = [len(ids) for ids in processor.tokenizer(formatted, add_special_tokens=True)["input_ids"]]
+    # Tokenized once: the lengths plan the batches and the same ids are padded per batch (tokenizing twice cost
+    # 16-18% of query throughput; results/benchmarks/encode.md).
+    token_ids = processor.tokenizer(formatted, add_special_tokens=True)["input_ids"]
     out: list[torch.Tensor | None] = [None] * len(queries)
-    for batch in tqdm(plan_batches(lengths, batch_size), desc="Encoding queries", disable=not progress):
-        inputs = processor.process_texts([formatted[i] for i in batch]).to(device)
+    for batch in tqdm(plan_batches([len(ids) for ids in token_ids], batch_size), desc="Encoding queries",
+                      disable=not progress):
+        padded = processor.tokenizer.pad({"input_ids": [token_ids[i] for i in batch]}, return_tensors="pt")
+        inputs = {"input_ids": padded["input_ids"].to(device), "attention_mask": padded["attention_mask"].to(device)}
         embeddings = model(**inputs)
         mask = inputs["attention_mask"].bool()
         for index, embedding, keep in zip(batch, embeddings, mask):
