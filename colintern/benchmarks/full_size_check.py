@@ -83,22 +83,9 @@ def shipped_config(path: str | Path = FULL_SIZE_CONFIG):
 
 def offline_processor(config, max_num_visual_tokens: int = 1536):
     """A ColIntern3_5Processor with `config`'s tiles and the embedded byte-level tokenizer (no download)."""
-    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+    from colintern.benchmarks.full_size import build_processor
 
-    from colintern.model.embedded import build_tiny_tokenizer
-    from colintern.model.processing import ColIntern3_5Processor
-
-    size = config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    tile = {"height": size, "width": size}
-    return ColIntern3_5Processor(
-        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=12),
-        tokenizer=build_tiny_tokenizer(),
-        video_processor=InternVLVideoProcessor(size=tile),
-        image_seq_length=config.image_seq_length,
-        max_num_visual_tokens=max_num_visual_tokens,
-    )
+    return build_processor(config, max_num_visual_tokens)
 
 
 def write_hub_checkpoint(path: str | Path, config=None, dtype=None, seed: int = 0) -> dict:

@@ -50,10 +50,9 @@ def _trainer(model, chunk: int | None, output_dir: str):
     return trainer
 
 
-def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -> dict:
-    import torch
-
-    from colintern.benchmarks.memory import TensorMemoryTracker, build_model, synthetic_batch
+def _memory_setup(model_name: str, batch_size: int, chunk: int | None):
+    """The model config, the memory model's setup for one step at in-batch `batch_size` (cached in chunks of `chunk`
+    when given) and its predicted peak."""
     from colintern.tuning.advisor import analyze_architecture, load_model_config
     from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
 
@@ -64,9 +63,17 @@ def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -
     setup = TrainingMemorySetup(per_device_batch_size=batch_size, query_tokens=QUERY_TOKENS, lora_rank=16,
                                 dtype="float32", device="cpu", tiles_per_page=tiles, page_tokens=page_tokens,
                                 pages_padded=False, cache_chunk_size=chunk)
-    prediction = estimate_peak_memory(arch, setup)
+    return config, setup, estimate_peak_memory(arch, setup)
+
+
+def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -> dict:
+    import torch
+
+    from colintern.benchmarks.memory import TensorMemoryTracker, build_model, synthetic_batch
+
+    config, setup, prediction = _memory_setup(model_name, batch_size, chunk)
     model = build_model(config, setup)
-    queries, pages = synthetic_batch(config, setup, QUERY_TOKENS, tiles)
+    queries, pages = synthetic_batch(config, setup, QUERY_TOKENS, setup.tiles_per_page)
     inputs = {**{f"query_{k}": v for k, v in queries.items()}, **{f"doc_{k}": v for k, v in pages.items()}}
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = _trainer(model, chunk, output_dir)
@@ -111,16 +118,7 @@ def measure(model_name: str, batch_size: int, chunk: int | None, repeats: int) -
 
 def predict(model_name: str, batch_size: int, chunk: int | None) -> dict:
     """The memory model's peak for a step that is not measured (too slow for the machine)."""
-    from colintern.tuning.advisor import analyze_architecture, load_model_config
-    from colintern.tuning.memory_model import TrainingMemorySetup, estimate_peak_memory
-
-    arch = analyze_architecture(load_model_config(model_name), lora_rank=16, max_num_visual_tokens=MAX_NUM_VISUAL_TOKENS)
-    tiles = arch.tiles_per_page
-    page_tokens = tiles * arch.image_seq_length + arch.page_tokens - arch.image_tokens_per_page
-    setup = TrainingMemorySetup(per_device_batch_size=batch_size, query_tokens=QUERY_TOKENS, lora_rank=16,
-                                dtype="float32", device="cpu", tiles_per_page=tiles, page_tokens=page_tokens,
-                                pages_padded=False, cache_chunk_size=chunk)
-    prediction = estimate_peak_memory(arch, setup)
+    _, _, prediction = _memory_setup(model_name, batch_size, chunk)
     return {"in_batch": batch_size, "chunk": chunk, "step": "plain" if chunk is None else "cached",
             "measured_peak_bytes": None, "predicted_peak_bytes": prediction.tensor_peak_bytes,
             "predicted_phase": prediction.peak_phase, "note": "predicted only: not measured"}
