@@ -18,7 +18,7 @@ from PIL import Image
 
 from colintern.utils import ColinternError
 
-MAX_TOKENS_SHOWN = 16  # panels per PNG beyond the page itself
+MAX_TOKENS_SHOWN = 24  # panels per PNG beyond the page itself
 
 
 def query_token_labels(processor, text: str) -> tuple[list[str], list[int]]:
