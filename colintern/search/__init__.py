@@ -8,6 +8,6 @@ May import `colintern.model`, `colintern.data` and plumbing.
     serve(index_dir, port)                         a local web page (query box, thumbnails, maps)
 """
 
-from colintern.search.index import BuildStats, Hit, SearchIndex, Searcher, build_index
+from colintern.search.index import BuildStats, Hit, Searcher, SearchIndex, build_index
 
 __all__ = ["BuildStats", "Hit", "SearchIndex", "Searcher", "build_index"]

@@ -253,6 +253,8 @@ def build_index(
                 "settings": settings, "documents": {}, "problems": []}
     shard_dir = index_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for partial in shard_dir.glob(".*.tmp"):  # left by a run killed while writing a shard
+        partial.unlink()
 
     problems = ProblemLog()
     documents, _unusable = open_documents(pdf_dir, problems)

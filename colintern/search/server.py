@@ -141,7 +141,7 @@ def make_handler(app: SearchApp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "colintern-search"
 
-        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        def log_message(self, format, *args):
             logger.debug("%s %s", self.address_string(), format % args)
 
         def send(self, status: int, body: bytes, content_type: str) -> None:
@@ -161,7 +161,7 @@ def make_handler(app: SearchApp) -> type[BaseHTTPRequestHandler]:
                 return None
             return int(stem)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             url = urlparse(self.path)
             params = {key: values[-1] for key, values in parse_qs(url.query).items()}
             parts = url.path.strip("/").split("/")

@@ -5,6 +5,8 @@ playwright or selenium."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -31,18 +33,21 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="colintern-chromium-")
         to_browser_read, self._write = os.pipe()
         self._read, from_browser_write = os.pipe()
-
-        def attach_pipes():  # the browser reads commands on fd 3 and writes replies on fd 4
-            os.dup2(to_browser_read, 3)
-            os.dup2(from_browser_write, 4)
-
+        # The browser reads commands on fd 3 and writes replies on fd 4. bash puts the pipe ends there (no preexec_fn,
+        # unsafe in a process with threads); they are first moved above 9 so that neither is 3 or 4 already (and
+        # bash, unlike dash, takes two-digit fds in redirections).
+        high_read, high_write = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_read, from_browser_write))
+        arguments = ["--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                     f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"]
         self.process = subprocess.Popen(
-            [executable, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-             "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-             f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
+            [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{high_read} 4>&{high_write}', executable,
+             *arguments],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(3, 4), preexec_fn=attach_pipes,
+            pass_fds=(high_read, high_write),
         )
+        os.close(high_read)
+        os.close(high_write)
         os.close(to_browser_read)
         os.close(from_browser_write)
         self._buffer = b""
@@ -124,10 +129,8 @@ class Browser:
         return path
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a browser that does not answer is killed below
             self.call("Browser.close", timeout=10)
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -81,6 +81,7 @@ def test_adding_a_pdf_encodes_only_that_pdf(built, pretrained, tmp_path):
     assert stats.pages_indexed == N_PAGES + 3
     searcher = Searcher(index, loaded=pretrained)
     assert hit_rate(searcher, new) == 1.0  # 3 of 27 pages
+    assert hit_rate(searcher, records) >= 0.9
 
     again = build_index(pdfs, index, loaded=pretrained, progress=False)
     assert again.pages_encoded == 0 and again.pages_indexed == N_PAGES + 3
