@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("pdf_dir", metavar="PDF_DIR", help="folder of PDFs and/or page-image folders")
     index.add_argument("--model", help="the retriever (required for a new index; an existing one keeps its own)")
     index.add_argument("--index", required=True, metavar="DIR", help="index folder (new, or an index to add to)")
-    index.add_argument("--dpi", type=int, default=150, help="PDF rendering resolution (default 150)", **limits(ge=10))
-    index.add_argument("--max-side", type=int, default=4096, help="longest side of a page in pixels at most",
+    index.add_argument("--dpi", type=int, help="PDF rendering resolution (default 150; an existing index: its own)",
+                       **limits(ge=10))
+    index.add_argument("--max-side", type=int, help="longest side of a page in pixels at most (default 4096)",
                        **limits(ge=64))
-    index.add_argument("--max-num-visual-tokens", type=int, help="visual tokens per page (default: the model's)",
-                       **limits(ge=1))
+    index.add_argument("--max-num-visual-tokens", type=int,
+                       help="visual tokens per page (default: the model's; an existing index: its own)", **limits(ge=1))
     index.add_argument("--batch-size", type=int, default=8, help="pages per forward pass (default 8)", **limits(ge=1))
     index.add_argument("--device", help="cuda or cpu (default: cuda when available)")
 

@@ -196,8 +196,8 @@ def build_index(
     index_dir: str | Path,
     model: str | None = None,
     *,
-    dpi: int = 150,
-    max_side: int = 4096,
+    dpi: int | None = None,
+    max_side: int | None = None,
     max_num_visual_tokens: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
@@ -211,7 +211,9 @@ def build_index(
     Args:
         model: the retriever (run folder, adapter, checkpoint, `embedded:` alias); may be left out to add to an
             existing index with its own model.
+        dpi, max_side: PDF rendering (default 150 and 4096 px, see `PrepareConfig`).
         max_num_visual_tokens: visual-token budget per page (default: the model's processor's).
+        An existing index keeps the settings it was built with: those left out are taken from it, others must match.
         chunk_pages: pages encoded between two saves of the manifest.
         loaded: an already loaded (model, processor) for `model` (tests, the server).
         on_chunk: called with the stats after each saved chunk (tests interrupt a build with it).
@@ -228,6 +230,12 @@ def build_index(
         if manifest is None:
             raise ColinternError(f"--model is required to build a new index ({index_dir} holds none yet).")
         model = manifest["model"]
+    if manifest is not None:  # settings left out: the index's own
+        dpi = manifest["settings"]["dpi"] if dpi is None else dpi
+        max_side = manifest["settings"]["max_side"] if max_side is None else max_side
+        if max_num_visual_tokens is None:
+            max_num_visual_tokens = manifest["settings"]["max_num_visual_tokens"]
+    dpi, max_side = dpi or 150, max_side or 4096
     reference, fingerprint = _model_reference(model), model_fingerprint(model)
     prepare_output_dir(index_dir, command=COMMAND, inputs={"PDF_DIR": pdf_dir}, overwrite=existing,
                        owned_names=OWNED, option="--index")

@@ -118,7 +118,12 @@ def test_an_index_is_only_searched_with_its_own_model(pretrained, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(pretrained_model_path(), model_dir)
     synthdocs_pdfs(tmp_path / "pdfs", 4, PAGES_PER_PDF)
-    build_index(tmp_path / "pdfs", tmp_path / "index", str(model_dir), loaded=pretrained, progress=False)
+    build_index(tmp_path / "pdfs", tmp_path / "index", str(model_dir), loaded=pretrained, progress=False, dpi=100)
+    # settings left out are the index's own; others are refused
+    again = build_index(tmp_path / "pdfs", tmp_path / "index", loaded=pretrained, progress=False)
+    assert again.pages_encoded == 0 and again.pages_indexed == 4
+    with pytest.raises(ColinternError, match="was built with .'dpi': 100"):
+        build_index(tmp_path / "pdfs", tmp_path / "index", loaded=pretrained, progress=False, dpi=150)
     config = json.loads((model_dir / "config.json").read_text())
     config["retrained"] = True  # same folder, another model
     (model_dir / "config.json").write_text(json.dumps(config))
