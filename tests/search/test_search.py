@@ -233,3 +233,44 @@ def test_search_page_in_a_headless_browser(built, pretrained, tmp_path):
         browser.close()
         server.shutdown()
         server.server_close()
+
+
+def test_search_api_answers_json_pages_and_maps(built, pretrained):
+    """The server's routes without a browser (so they are tested where no Chromium is installed)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from colintern.search.server import make_server
+
+    _, index, records, _ = built
+    searcher = Searcher(index, loaded=pretrained)
+    server = make_server(searcher, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(base + path, timeout=120) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers["Content-Type"], error.read()
+
+    try:
+        text = records[3][0]
+        status, kind, body = get("/api/search?" + urllib.parse.urlencode({"q": text, "k": 3}))
+        assert (status, kind) == (200, "application/json")
+        results = json.loads(body)["results"]
+        assert [(r["file"], r["page"], r["rank"]) for r in results] == [
+            (h.document, h.page, h.rank) for h in searcher.search(text, 3)]
+        status, kind, body = get(results[0]["image"])
+        assert (status, kind, body[:8]) == (200, "image/png", b"\x89PNG\r\n\x1a\n")
+        status, kind, body = get(results[0]["explain"])
+        assert (status, kind, body[:8]) == (200, "image/png", b"\x89PNG\r\n\x1a\n")
+        assert get("/api/search?q=x&k=0")[0] == 400 and get("/api/search?k=3")[0] == 400
+        assert get(f"/page/{len(searcher.entries)}.png")[0] == 404 and get("/page/..%2Findex.json")[0] == 404
+        status, kind, body = get("/")
+        assert status == 200 and b'id="query"' in body
+    finally:
+        server.shutdown()
+        server.server_close()
