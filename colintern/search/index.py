@@ -330,10 +330,15 @@ def build_index(
                 on_chunk(stats)
 
     stats.documents_removed = len(set(documents_before) - set(manifest["documents"]))
-    kept = {f"{record['sha256']}.safetensors" for record in manifest["documents"].values()}
-    for shard in shard_dir.glob("*.safetensors"):  # shards of documents no longer in the folder
+    # shards and rendered pages of documents no longer in the folder (or changed since)
+    kept = {f"{entry['sha256']}.safetensors" for entry in manifest["documents"].values()}
+    for shard in shard_dir.glob("*.safetensors"):
         if shard.name not in kept:
             shard.unlink()
+    kept_images = {index_dir / image for entry in manifest["documents"].values() for image in entry["images"].values()}
+    for image in (index_dir / "pages").rglob("*"):
+        if image.is_file() and image not in kept_images:
+            image.unlink()
     save()
     stats.pages_indexed = sum(len(r["pages"]) for r in manifest["documents"].values())
     stats.problems = [str(problem) for problem in problems.problems]

@@ -90,6 +90,7 @@ def test_adding_a_pdf_encodes_only_that_pdf(built, pretrained, tmp_path):
     removed = build_index(pdfs, index, loaded=pretrained, progress=False)
     assert (removed.pages_encoded, removed.documents_removed, removed.pages_indexed) == (0, 1, N_PAGES)
     assert len(list((index / "shards").glob("*.safetensors"))) == N_PAGES // PAGES_PER_PDF
+    assert len([p for p in (index / "pages").rglob("*") if p.is_file()]) == N_PAGES
 
 
 def test_an_interrupted_index_keeps_what_was_encoded(built, pretrained, tmp_path):
