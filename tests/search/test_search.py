@@ -71,7 +71,7 @@ def test_index_reports_the_corrupt_pdf_and_finds_the_right_pages(built, pretrain
     assert hit_rate(searcher, records) >= 0.9
 
 
-def test_adding_a_pdf_encodes_only_that_pdf(built, pretrained, tmp_path):
+def test_adding_a_pdf_encodes_only_that_pdf(built, pretrained, tmp_path, capsys):
     pdfs, index, records = copy_of(built, tmp_path)
     new = synthdocs_pdfs(tmp_path / "more", 3, pages_per_pdf=3, split="validation", name="added")
     shutil.copy(tmp_path / "more" / "added-000.pdf", pdfs / "added-000.pdf")
@@ -83,8 +83,11 @@ def test_adding_a_pdf_encodes_only_that_pdf(built, pretrained, tmp_path):
     assert hit_rate(searcher, new) == 1.0  # 3 of 27 pages
     assert hit_rate(searcher, records) >= 0.9
 
-    again = build_index(pdfs, index, loaded=pretrained, progress=False)
-    assert again.pages_encoded == 0 and again.pages_indexed == N_PAGES + 3
+    assert run_script_in_process("scripts/search.py", "index", str(pdfs), "--index", str(index)) == 0  # no --model
+    summary = capsys.readouterr().out
+    assert summary.startswith(f"{N_PAGES + 3} pages of 7 documents indexed: 0 pages of 0 documents encoded now, 7 "
+                              "documents already indexed")
+    assert "1 problem(s), skipped:\n  broken.pdf: not a readable PDF" in summary
 
     (pdfs / "added-000.pdf").unlink()
     removed = build_index(pdfs, index, loaded=pretrained, progress=False)
