@@ -14,10 +14,10 @@ PRETRAINED = "embedded:tiny-internvl3_5-pretrained"  # trained on SynthDocs doma
 
 
 def synthdocs_pdfs(folder: Path, n_pages: int | None = 40, pages_per_pdf: int = 4, split: str = "test",
-                   name: str = "doc") -> list[tuple[str, str, int]]:
+                   name: str = "doc", domain: str | None = "a") -> list[tuple[str, str, int]]:
     """Write PDFs of `pages_per_pdf` held-out SynthDocs pages each into `folder`, plus `broken.pdf` (truncated);
-    returns (query, file, page) for every page."""
-    tables = generate_retrieval_split(SynthDocsConfig(domain="a", max_eval_pages=n_pages), split)
+    returns (query, file, page) for every page. `domain` None: the whole corpus (what `--preset demo` trains on)."""
+    tables = generate_retrieval_split(SynthDocsConfig(domain=domain, max_eval_pages=n_pages), split)
     query_of = {r["corpus-id"]: q for r in tables["qrels"] for q in tables["queries"] if q["id"] == r["query-id"]}
     folder.mkdir(parents=True, exist_ok=True)
     records = []
