@@ -150,6 +150,8 @@ def download_benchmarks(benchmarks: Sequence[str], splits: Sequence[str] | None 
     """
     selections = resolve_benchmarks(benchmarks, splits)
     tasks = _unique_tasks(selections)
+    for name in _private_tasks(selections):
+        logger.warning("%s: private task (its data is held by the benchmark's maintainers): not downloaded.", name)
     ensure_hub_datasets_available(selections, tasks)
     for task in tasks:
         if is_hub_task(task):
@@ -285,6 +287,7 @@ def evaluate(
     throughput: dict[str, dict[str, Any]] = {}
     protocol_files: list[str] = []
     invariance = None
+    base_protocol: dict[str, Any] | None = None
 
     def load_wrapper():
         return _load_wrapper(
@@ -299,8 +302,9 @@ def evaluate(
         name = task.metadata.name
         if wrapper is None:
             wrapper = load_wrapper()
-        protocol = build_protocol(wrapper, batch_size=batch_size)
-        protocol.update(_corpus_text_settings(task, corpus_text, corpus_text_max_tokens))
+        if base_protocol is None:  # once per run: it hashes the weight files
+            base_protocol = build_protocol(wrapper, batch_size=batch_size)
+        protocol = {**base_protocol, **_corpus_text_settings(task, corpus_text, corpus_text_max_tokens)}
         if invariance is not None:
             protocol["invariance"] = invariance
         if not plan[name][1]:  # adding to earlier results (missing splits): they must share the protocol
