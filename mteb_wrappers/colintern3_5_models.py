@@ -8,6 +8,9 @@
 
 Pages are encoded in batches of equal tile count (no padding), queries in batches of equal token count; embeddings are
 kept on the CPU in float16 as a ragged list of (tokens, 128) tensors and scored with `colintern.model.scoring.max_sim`.
+Corpus rows that carry both a page image and its text (ViDoRe(v3.1), "t2it" tasks) are encoded by the `corpus_text`
+mode: "ignore" embeds the page image alone; "prompt" places the text in the page prompt after the image and keeps the
+text tokens' embeddings beside the image tokens' (at most `corpus_text_max_tokens` text tokens per page).
 Each instance carries its own `mteb_model_meta` (name, content-hash revision, parameter count, training data), so
 results land in `{cache}/results/{name}/{revision}/{Task}.json` and two different checkpoints never share a folder.
 """
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 COLINTERN_CITATION = None  # no article yet; mteb asks to leave the citation out rather than cite a model card
 INTERNVL3_5_1B = "OpenGVLab/InternVL3_5-1B-HF"
+CORPUS_TEXT_MODES = ("ignore", "prompt")
+DEFAULT_CORPUS_TEXT_MAX_TOKENS = 1024
 
 
 @dataclass
@@ -80,6 +85,9 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         model_name: mteb model name for the result folder (default `colintern/<folder name>` or the Hub id).
         max_num_visual_tokens: override the processor's per-page visual-token budget.
         storage_dtype: dtype of the stored embeddings (float16: half the memory, ~1e-3 relative error).
+        corpus_text: for corpus rows with an image and a text: "ignore" (the image alone) or "prompt" (the text in
+            the page prompt after the image, its tokens embedded too).
+        corpus_text_max_tokens: the text tokens kept per page in "prompt" mode.
         show_progress: progress bars while encoding.
         checkpoint: `describe_checkpoint(model_path)` when the caller has it already (saves hashing the weights).
         revision: accepted for mteb's loader protocol; a local checkpoint's revision is the hash of its files, a Hub
@@ -100,8 +108,12 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         show_progress: bool = True,
         checkpoint: CheckpointInfo | None = None,
         revision: str | None = None,
+        corpus_text: str = "ignore",
+        corpus_text_max_tokens: int = DEFAULT_CORPUS_TEXT_MAX_TOKENS,
     ):
         from colintern.model.loading import default_device, load_retriever
+
+        _check_corpus_text(corpus_text, corpus_text_max_tokens)
 
         info = checkpoint or describe_checkpoint(str(model_path), model_name=model_name)
         check_trained_head(None, info, allow_untrained_head=allow_untrained_head)  # from the files, before loading
@@ -119,6 +131,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         check_trained_head(model, info, allow_untrained_head=allow_untrained_head)
         self._setup(model.eval(), processor, model_meta_for(model, info), storage_dtype, show_progress)
         self.checkpoint = info
+        self.corpus_text, self.corpus_text_max_tokens = corpus_text, int(corpus_text_max_tokens)
 
     @classmethod
     def from_model(
@@ -129,14 +142,18 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         revision: str = "in-memory",
         storage_dtype: torch.dtype = torch.float16,
         show_progress: bool = False,
+        corpus_text: str = "ignore",
+        corpus_text_max_tokens: int = DEFAULT_CORPUS_TEXT_MAX_TOKENS,
     ) -> ColIntern3_5Wrapper:
         """Wrap a model already in memory, e.g. a PeftModel during training (adapters stay active, nothing is
         merged), to score a validation split. No head check: the caller knows what it trains."""
         wrapper = cls.__new__(cls)
         info = CheckpointInfo(str(model_name), "in-memory", None, None, model_name, revision)
         wrapper.device = next(model.parameters()).device
+        _check_corpus_text(corpus_text, corpus_text_max_tokens)
         wrapper._setup(model, processor, model_meta_for(model, info), storage_dtype, show_progress)
         wrapper.checkpoint = info
+        wrapper.corpus_text, wrapper.corpus_text_max_tokens = corpus_text, int(corpus_text_max_tokens)
         return wrapper
 
     def _setup(self, model, processor, meta: ModelMeta, storage_dtype: torch.dtype, show_progress: bool) -> None:
@@ -159,25 +176,23 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         prompt_type: PromptType | None = None,
         **kwargs: Any,
     ) -> Array:
-        """Embed a corpus (an "image" column) or queries (a "text" column).
+        """Embed a corpus (an "image" column, and a "text" column on t2it tasks) or queries (a "text" column).
 
         Returns:
-            a list of (tokens, dim) `storage_dtype` CPU tensors, in input order (pages: image tokens only; queries:
-            every attended token).
+            a list of (tokens, dim) `storage_dtype` CPU tensors, in input order (pages: image tokens, then the text
+            tokens in the "prompt" corpus-text mode; queries: every attended token).
         """
         dataset = inputs.dataset
         columns = set(getattr(dataset, "column_names", []) or [])
         batch_size = int(kwargs.get("batch_size") or inputs.batch_size or 16)
         progress = bool(kwargs.get("show_progress_bar", True)) and self.show_progress
-        if "image" in columns and "text" in columns:
-            raise ValueError(
-                f"{task_metadata.name}: inputs with both text and an image are not supported by ColIntern3.5 "
-                "(it embeds pages or queries)."
-            )
+        if "image" in columns and "text" in columns and prompt_type is not None and prompt_type.value == "query":
+            raise ValueError(f"{task_metadata.name}: queries with an image are not supported by ColIntern3.5.")
         start = time.perf_counter()
         if "image" in columns:
             kind = "pages"
             ids = list(dataset["id"]) if "id" in columns else None
+            texts = list(dataset["text"]) if "text" in columns and self.corpus_text == "prompt" else None
             embeddings = encode_pages(
                 self.mdl,
                 self.processor,
@@ -186,6 +201,8 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
                 progress=progress,
                 storage_dtype=self.storage_dtype,
                 page_ids=ids,
+                texts=texts,
+                max_text_tokens=self.corpus_text_max_tokens,
             )
         elif "text" in columns:
             kind = "queries"
@@ -202,11 +219,15 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
             for batch in inputs:
                 images.extend(batch.get("image") or [])
                 texts.extend(batch.get("text") or [])
-            if images and texts:
+            if images and texts and len(images) != len(texts):
                 raise ValueError(f"{task_metadata.name}: mixed text and image inputs are not supported.")
             kind = "pages" if images else "queries"
             if images:
-                embeddings = encode_pages(self.mdl, self.processor, images, batch_size, progress, self.storage_dtype)
+                page_texts = texts if texts and self.corpus_text == "prompt" else None
+                embeddings = encode_pages(
+                    self.mdl, self.processor, images, batch_size, progress, self.storage_dtype,
+                    texts=page_texts, max_text_tokens=self.corpus_text_max_tokens,
+                )  # fmt: skip
             else:
                 embeddings = encode_queries(self.mdl, self.processor, texts, batch_size, progress, self.storage_dtype)
         stats = self.encode_stats[(task_metadata.name, hf_split, kind)]
@@ -245,6 +266,13 @@ def load_colintern3_5(model_name: str, revision: str | None = None, model_path: 
     """The `ModelMeta.loader`: mteb calls it with the model name (and revision); `model_path` (in `loader_kwargs`)
     says where a local checkpoint lies, otherwise the name is a Hub id."""
     return ColIntern3_5Wrapper(model_path or model_name, model_name=model_name, **kwargs)
+
+
+def _check_corpus_text(mode: str, max_tokens: int) -> None:
+    if mode not in CORPUS_TEXT_MODES:
+        raise ValueError(f"corpus_text must be one of {', '.join(CORPUS_TEXT_MODES)}, got {mode!r}")
+    if int(max_tokens) < 1:
+        raise ValueError(f"corpus_text_max_tokens must be at least 1, got {max_tokens}")
 
 
 def _undecoded(dataset):

@@ -4,13 +4,22 @@
     python scripts/evaluate.py --model-path experiments/run --benchmarks "ViDoRe(v1)"
     python scripts/evaluate.py --model-path experiments/run --benchmarks SynthDocsRetrieval
     python scripts/evaluate.py --model-path experiments/run --benchmarks "ViDoRe(v1)" "ViDoRe(v2)" OUT/eval
+    python scripts/evaluate.py --model-path experiments/run --benchmarks "ViDoRe(v3.1)" --corpus-text prompt
 
 --model-path is an adapter folder (base + LoRA adapter + trained head, merged before evaluating), a full checkpoint
 folder, a Hub id or an `embedded:` alias. --benchmarks takes mteb benchmark names ("ViDoRe(v1)", "ViDoRe(v2)",
-"ViDoRe(v3)"), mteb task names, SynthDocsRetrieval (the embedded test split) and folders holding corpus.parquet /
-queries.parquet / qrels.parquet. mteb writes one JSON per task to OUTPUT_DIR/results/<model>/<revision>/; tasks that
-already have results are not recomputed (--overwrite recomputes them), so an interrupted run resumes. At the end a
-table gives NDCG@5, NDCG@10 and Recall@100 (x100) per task, the benchmark averages and the encode throughput.
+"ViDoRe(v3)", "ViDoRe(v3.1)"), mteb task names, SynthDocsRetrieval (the embedded test split) and folders holding
+corpus.parquet / queries.parquet / qrels.parquet. mteb writes one JSON per task to
+OUTPUT_DIR/results/<model>/<revision>/, and colintern the protocol that determined its scores to protocol/<Task>.json
+beside it; tasks that already have results are not recomputed (--overwrite recomputes them), so an interrupted run
+resumes. At the end a table gives NDCG@5, NDCG@10 and Recall@100 (x100) per task, the benchmark averages and the
+encode throughput.
+
+Private tasks (ViDoRe(v3)'s Telecom and Nuclear: only the benchmark's maintainers hold their data) are listed as
+"private: not run"; the averages say how many tasks they cover. ViDoRe(v3.1) corpora give each page its OCR text:
+--corpus-text ignore embeds the page image alone, --corpus-text prompt puts the text in the page prompt after the
+image. --check-invariance first embeds a sample of pages and queries at batch 1 and at --batch-size and stops if the
+scores move (largest difference above 1e-4, or another top-10).
 
 A model whose projection head is untrained (a base model, or an adapter saved without its head) is refused;
 --allow-untrained-head evaluates it on purpose, e.g. as the chance-level baseline.
@@ -51,9 +60,17 @@ def main(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         max_num_visual_tokens=args.max_num_visual_tokens,
         show_progress=not args.no_progress,
+        corpus_text=args.corpus_text,
+        corpus_text_max_tokens=args.corpus_text_max_tokens,
+        check_invariance=args.check_invariance,
     )
     print(f"\n{summary.model_name} (revision {summary.revision}), scores x100, results in {summary.results_dir}")
+    if summary.invariance:
+        print(f"batch invariance passed on {summary.invariance['task']}: largest score difference "
+              f"{summary.invariance['max_score_diff']:.3g} between batch 1 and batch {summary.invariance['batch_size']}")
     print(summary.table())
+    if summary.private:
+        print(f"Private tasks, not run (only the benchmark's maintainers can score them): {', '.join(summary.private)}")
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     return 0
@@ -88,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="mteb model name for the results folder (default colintern/<folder>)")
     parser.add_argument("--max-num-visual-tokens", type=int, help="override the processor's visual tokens per page",
                         **field_limits("model.max_num_visual_tokens"))
+    parser.add_argument("--corpus-text", choices=["ignore", "prompt"], default="ignore",
+                        help="corpora with page text (ViDoRe(v3.1)): ignore it (image only, default) or put it in the "
+                        "page prompt after the image")
+    parser.add_argument("--corpus-text-max-tokens", type=int, default=1024,
+                        help="text tokens kept per page with --corpus-text prompt (default 1024)", **limits(ge=1))
+    parser.add_argument("--check-invariance", action="store_true",
+                        help="first check that scores do not depend on the batch size (sample at batch 1 vs "
+                        "--batch-size); stop if they move")
     parser.add_argument("--download-only", action="store_true", help="only fetch the Hub datasets into the cache")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

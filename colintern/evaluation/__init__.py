@@ -5,8 +5,12 @@
     model_results_dir(model_path, output_dir)   where evaluate() writes a model's result files
     results_table(results_dir)                  NDCG@5 / NDCG@10 / Recall@100 rows + benchmark averages from files
     resolve_benchmarks(names)                   "ViDoRe(v1)", task names, "SynthDocsRetrieval", folders -> mteb tasks
+    check_invariance(model, processor, ...)     scores of a sample at batch 1 vs the run's batch size
+    build_protocol / read_protocol              what determined a task's scores (protocol/{Task}.json)
 """
 
+from colintern.evaluation.invariance import InvarianceReport, check_invariance
+from colintern.evaluation.protocol import build_protocol, read_protocol
 from colintern.evaluation.results import TABLE_METRICS, BenchmarkAverage, format_table, results_table
 from colintern.evaluation.runner import (
     DEFAULT_BATCH_SIZE,
@@ -22,6 +26,7 @@ from colintern.evaluation.tasks import (
     LocalRetrievalTask,
     SynthDocsRetrieval,
     find_splits,
+    is_private,
     local_retrieval_task,
     resolve_benchmarks,
 )
@@ -33,17 +38,22 @@ __all__ = [
     "TABLE_METRICS",
     "BenchmarkAverage",
     "EvaluationSummary",
+    "InvarianceReport",
     "LocalRetrievalTask",
     "SynthDocsRetrieval",
     "TaskScores",
+    "build_protocol",
+    "check_invariance",
     "download_benchmarks",
     "ensure_hub_datasets_available",
     "evaluate",
     "evaluate_in_memory",
     "find_splits",
     "format_table",
+    "is_private",
     "local_retrieval_task",
     "model_results_dir",
+    "read_protocol",
     "read_task_result",
     "resolve_benchmarks",
     "results_table",

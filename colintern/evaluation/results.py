@@ -5,6 +5,7 @@ reader the reports use too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ class BenchmarkAverage:
     n_tasks: int
     n_total: int
     scores: dict[str, float] = field(default_factory=dict)
+    n_private: int = 0  # of n_total, tasks whose data is private (not run here, see colintern.evaluation.tasks)
 
     @property
     def complete(self) -> bool:
@@ -52,7 +54,18 @@ def main_metric(task_name: str) -> str:
     return task_main_metric(task_name) or "ndcg_at_5"
 
 
-def average(label: str, rows: Sequence[TaskScores], n_total: int) -> BenchmarkAverage:
+@functools.cache
+def private_task(task_name: str) -> bool:
+    """Whether mteb marks `task_name`'s data as private (`is_public=False`); False for tasks mteb does not know."""
+    import mteb
+
+    try:
+        return mteb.get_task(task_name).metadata.is_public is False
+    except Exception:  # noqa: BLE001 - a local task
+        return False
+
+
+def average(label: str, rows: Sequence[TaskScores], n_total: int, n_private: int = 0) -> BenchmarkAverage:
     """Each metric's mean over the rows that have it (every table metric is present, NaN when no row has it)."""
     keys = [key for key, _label in TABLE_METRICS]
     keys += sorted({key for row in rows for key in row.scores} - set(keys))
@@ -60,7 +73,7 @@ def average(label: str, rows: Sequence[TaskScores], n_total: int) -> BenchmarkAv
     for key in keys:
         values = [row.scores[key] for row in rows if not math.isnan(row.scores.get(key, math.nan))]
         scores[key] = sum(values) / len(values) if values else math.nan
-    return BenchmarkAverage(label=label, n_tasks=len(rows), n_total=n_total, scores=scores)
+    return BenchmarkAverage(label=label, n_tasks=len(rows), n_total=n_total, scores=scores, n_private=n_private)
 
 
 def results_table(
@@ -99,7 +112,8 @@ def results_table(
             if name in rows:
                 present.append(rows[name])
         if len(task_names) > 1:
-            averages.append(average(label, present, len(task_names)))
+            n_private = sum(private_task(name) and name not in rows for name in task_names)
+            averages.append(average(label, present, len(task_names), n_private))
     return list(rows.values()), averages
 
 
@@ -138,8 +152,11 @@ def _format_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def format_table(rows: Sequence[TaskScores], averages: Sequence[BenchmarkAverage] = ()) -> str:
-    """A Markdown table: one row per task (scores x100, as on the mteb leaderboard), then the averages."""
+def format_table(
+    rows: Sequence[TaskScores], averages: Sequence[BenchmarkAverage] = (), not_run: Sequence[tuple[str, str]] = ()
+) -> str:
+    """A Markdown table: one row per task (scores x100, as on the mteb leaderboard), a row per task not run
+    (`not_run`: (task, reason), e.g. "private: not run"), then the averages."""
     show_rates = any(row.pages_per_s is not None or row.queries_per_s is not None for row in rows)
     header = ["Task", *(label for _key, label in TABLE_METRICS)]
     if show_rates:
@@ -150,8 +167,12 @@ def format_table(rows: Sequence[TaskScores], averages: Sequence[BenchmarkAverage
         if show_rates:
             line += [_format_rate(row.pages_per_s), _format_rate(row.queries_per_s)]
         lines.append(line)
+    for task, reason in not_run:
+        lines.append([task, reason, *([""] * (len(header) - 2))])
     for avg in averages:
         coverage = "" if avg.complete else f", {avg.n_tasks} of {avg.n_total} tasks"
+        if avg.n_private:
+            coverage += f" ({avg.n_private} private: not run)"
         line = [f"**{avg.label} average**{coverage}", *(_format_score(avg.scores.get(k)) for k, _l in TABLE_METRICS)]
         if show_rates:
             line += ["", ""]

@@ -6,7 +6,9 @@
 
 Results are written by mteb itself (`mteb.evaluate` with a `ResultCache`): one JSON per task under
 `{output_dir}/results/{model}/{revision}/`. A task whose file exists (for the same data revision) is not computed
-again, so an interrupted run resumes where it stopped; `overwrite=True` recomputes everything.
+again, so an interrupted run resumes where it stopped; `overwrite=True` recomputes everything. Beside each task's file,
+`protocol/{Task}.json` records what determined its scores (`colintern.evaluation.protocol`). Private tasks (mteb's
+`is_public=False`, e.g. ViDoRe(v3)'s Telecom and Nuclear) are listed as "private: not run", never loaded.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from colintern.evaluation.protocol import build_protocol, check_same_protocol, score_settings, write_protocol
 from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
 from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
@@ -41,9 +44,13 @@ class EvaluationSummary:
     averages: list[BenchmarkAverage]
     computed: list[str]  # tasks evaluated in this run (the others came from earlier result files)
     seconds: float
+    private: list[str] = field(default_factory=list)  # tasks asked for whose data is private: not run
+    corpus_text: str = "ignore"
+    protocol_files: list[str] = field(default_factory=list)  # written in this run
+    invariance: dict[str, Any] | None = None  # the batch-invariance check, when asked for
 
     def table(self) -> str:
-        return format_table(self.rows, self.averages)
+        return format_table(self.rows, self.averages, [(task, "private: not run") for task in self.private])
 
     def score(self, task: str, metric: str = "ndcg_at_5") -> float:
         for row in self.rows:
@@ -57,6 +64,10 @@ class EvaluationSummary:
             "revision": self.revision,
             "results_dir": str(self.results_dir),
             "computed": self.computed,
+            "not_run": [{"task": task, "reason": "private: not run"} for task in self.private],
+            "corpus_text": self.corpus_text,
+            "protocol_files": self.protocol_files,
+            "invariance": self.invariance,
             "seconds": round(self.seconds, 2),
             "tasks": [
                 {
@@ -71,7 +82,8 @@ class EvaluationSummary:
                 for row in self.rows
             ],
             "averages": [
-                {"benchmark": a.label, "n_tasks": a.n_tasks, "n_total": a.n_total, **a.scores} for a in self.averages
+                {"benchmark": a.label, "n_tasks": a.n_tasks, "n_total": a.n_total, "n_private": a.n_private, **a.scores}
+                for a in self.averages
             ],
         }
 
@@ -138,6 +150,8 @@ def download_benchmarks(benchmarks: Sequence[str], splits: Sequence[str] | None 
     """
     selections = resolve_benchmarks(benchmarks, splits)
     tasks = _unique_tasks(selections)
+    for name in _private_tasks(selections):
+        logger.warning("%s: private task (its data is held by the benchmark's maintainers): not downloaded.", name)
     ensure_hub_datasets_available(selections, tasks)
     for task in tasks:
         if is_hub_task(task):
@@ -201,6 +215,9 @@ def evaluate(
     model_name: str | None = None,
     max_num_visual_tokens: int | None = None,
     show_progress: bool = True,
+    corpus_text: str = "ignore",
+    corpus_text_max_tokens: int | None = None,
+    check_invariance: bool = False,
 ) -> EvaluationSummary:
     """Evaluate `model_path` on `benchmarks` with mteb and return the scores read back from mteb's result files.
 
@@ -213,6 +230,11 @@ def evaluate(
         overwrite: recompute tasks that already have results.
         allow_untrained_head: evaluate a model whose projection head is untrained (a chance-level baseline).
         splits: evaluate these splits (e.g. ["validation"]) instead of each task's default.
+        corpus_text: for corpora whose rows hold a page image and its text (ViDoRe(v3.1)): "ignore" embeds the image
+            alone, "prompt" puts the text in the page prompt after the image (see `ColIntern3_5Wrapper`).
+        corpus_text_max_tokens: text tokens kept per page in the "prompt" mode (default 1024).
+        check_invariance: before evaluating, embed a sample of the first task's pages and queries at batch 1 and at
+            `batch_size`; raise (naming the largest score difference) if the scores move.
 
     Raises:
         ColinternError for unknown benchmark names, unusable checkpoints (e.g. an untrained head) and datasets that
@@ -221,11 +243,25 @@ def evaluate(
     import mteb
     from mteb.cache import ResultCache
 
+    from mteb_wrappers.colintern3_5_models import CORPUS_TEXT_MODES, DEFAULT_CORPUS_TEXT_MAX_TOKENS
+
     start = time.perf_counter()
     if batch_size < 1:
         raise ColinternError(f"--batch-size must be at least 1, got {batch_size}.")
+    if corpus_text not in CORPUS_TEXT_MODES:
+        raise ColinternError(f"--corpus-text must be one of {', '.join(CORPUS_TEXT_MODES)}, got {corpus_text!r}.")
+    corpus_text_max_tokens = corpus_text_max_tokens or DEFAULT_CORPUS_TEXT_MAX_TOKENS
+    if corpus_text_max_tokens < 1:
+        raise ColinternError(f"--corpus-text-max-tokens must be at least 1, got {corpus_text_max_tokens}.")
     selections = resolve_benchmarks(list(benchmarks), splits)
     tasks = _unique_tasks(selections)
+    private = _private_tasks(selections)
+    for name in private:
+        logger.warning(
+            "%s: private task (only the benchmark's maintainers hold its data): not run. To have it scored, ask them "
+            "(https://github.com/embeddings-benchmark/mteb/issues, 'eval request').",
+            name,
+        )
     info = describe_checkpoint(str(model_path), model_name=model_name)
     cache = ResultCache(cache_path=Path(output_dir))
     results_dir = cache.get_task_result_path("x", info.name, info.revision).parent  # where mteb writes {Task}.json
@@ -234,6 +270,12 @@ def evaluate(
     plan = {
         task.metadata.name: _needs_run(task, results_dir / f"{task.metadata.name}.json", overwrite) for task in tasks
     }
+    requested = {"dtype": dtype, "max_num_visual_tokens": max_num_visual_tokens}
+    for task in tasks:  # results kept from an earlier run must have been computed the same way
+        if not plan[task.metadata.name][1]:
+            settings = {key: value for key, value in requested.items() if value is not None}
+            settings.update(_corpus_text_settings(task, corpus_text, corpus_text_max_tokens))
+            check_same_protocol(results_dir, task.metadata.name, settings)
     to_run = [task for task in tasks if plan[task.metadata.name][0]]
     for task in tasks:
         if not plan[task.metadata.name][0]:
@@ -243,10 +285,30 @@ def evaluate(
 
     wrapper = None
     throughput: dict[str, dict[str, Any]] = {}
+    protocol_files: list[str] = []
+    invariance = None
+    base_protocol: dict[str, Any] | None = None
+
+    def load_wrapper():
+        return _load_wrapper(
+            info, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress, corpus_text,
+            corpus_text_max_tokens,
+        )  # fmt: skip
+
+    if check_invariance and tasks:
+        wrapper = load_wrapper()
+        invariance = _check_invariance(wrapper, tasks[0], batch_size, selections)
     for task in to_run:
         name = task.metadata.name
         if wrapper is None:
-            wrapper = _load_wrapper(info, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress)
+            wrapper = load_wrapper()
+        if base_protocol is None:  # once per run: it hashes the weight files
+            base_protocol = build_protocol(wrapper, batch_size=batch_size)
+        protocol = {**base_protocol, **_corpus_text_settings(task, corpus_text, corpus_text_max_tokens)}
+        if invariance is not None:
+            protocol["invariance"] = invariance
+        if not plan[name][1]:  # adding to earlier results (missing splits): they must share the protocol
+            check_same_protocol(results_dir, name, score_settings(protocol))
         _load_task_data(task)
         recompute = plan[name][1]
         logger.info("Evaluating %s (%s)", name, ", ".join(task.eval_splits))
@@ -262,6 +324,7 @@ def evaluate(
             )
         finally:
             task.unload_data()
+        protocol_files.append(str(write_protocol(results_dir, name, protocol)))
         throughput[name] = wrapper.throughput(name)
         rate = throughput[name]
         logger.info(
@@ -282,7 +345,51 @@ def evaluate(
         averages=averages,
         computed=[task.metadata.name for task in to_run],
         seconds=time.perf_counter() - start,
+        private=private,
+        corpus_text=corpus_text,
+        protocol_files=protocol_files,
+        invariance=invariance,
     )
+
+
+def _private_tasks(selections: Sequence[BenchmarkSelection]) -> list[str]:
+    names: list[str] = []
+    for selection in selections:
+        names += [t.metadata.name for t in selection.private if t.metadata.name not in names]
+    return names
+
+
+def _has_corpus_text(task) -> bool:
+    """Whether the task's corpus rows carry a text beside the page image (category "t2it", as ViDoRe(v3.1))."""
+    from mteb.types import PromptType
+
+    return "text" in task.metadata.get_modalities(PromptType.document)
+
+
+def _corpus_text_settings(task, corpus_text: str, max_tokens: int) -> dict[str, Any]:
+    """The corpus-text part of a task's protocol: the mode (and text budget) where the corpus has text."""
+    if not _has_corpus_text(task):
+        return {"corpus_text": "none (image-only corpus)", "corpus_text_max_tokens": None}
+    return {"corpus_text": corpus_text, "corpus_text_max_tokens": max_tokens if corpus_text == "prompt" else None}
+
+
+def _check_invariance(wrapper, task, batch_size: int, selections) -> dict[str, Any]:
+    """The batch-invariance check on a sample of `task` (raises `ColinternError` when scores move)."""
+    from colintern.evaluation.invariance import check_invariance, sample_task
+
+    ensure_hub_datasets_available(selections, [task])
+    _load_task_data(task)
+    try:
+        pages, queries, texts = sample_task(task)
+    finally:
+        task.unload_data()
+    use_text = texts if wrapper.corpus_text == "prompt" else None
+    report = check_invariance(
+        wrapper.mdl, wrapper.processor, pages, queries, batch_size, texts=use_text,
+        max_text_tokens=wrapper.corpus_text_max_tokens,
+    )  # fmt: skip
+    report.raise_if_failed()
+    return {"task": task.metadata.name, **report.to_dict()}
 
 
 def model_results_dir(
@@ -295,7 +402,10 @@ def model_results_dir(
     return ResultCache(cache_path=Path(output_dir)).get_task_result_path("x", info.name, info.revision).parent
 
 
-def _load_wrapper(info: CheckpointInfo, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress):
+def _load_wrapper(
+    info: CheckpointInfo, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress, corpus_text,
+    corpus_text_max_tokens,
+):
     from mteb_wrappers.colintern3_5_models import ColIntern3_5Wrapper
 
     return ColIntern3_5Wrapper(
@@ -307,6 +417,8 @@ def _load_wrapper(info: CheckpointInfo, device, dtype, allow_untrained_head, max
         max_num_visual_tokens=max_num_visual_tokens,
         show_progress=show_progress,
         checkpoint=info,
+        corpus_text=corpus_text,
+        corpus_text_max_tokens=corpus_text_max_tokens,
     )
 
 
@@ -331,7 +443,9 @@ def _collect(selections, tasks, results_dir: Path, throughput) -> tuple[list[Tas
             row.queries_per_s = throughput[name]["queries_per_s"]
         rows[name] = row
     averages = [
-        average(selection.label, [rows[t.metadata.name] for t in selection.tasks], len(selection.tasks))
+        average(
+            selection.label, [rows[t.metadata.name] for t in selection.tasks], selection.n_total, len(selection.private)
+        )
         for selection in selections
         if selection.is_benchmark
     ]

@@ -2,7 +2,7 @@
 
 A local retrieval folder holds mteb's retrieval layout as parquet files, either directly (one split, "test"):
 
-    FOLDER/corpus.parquet     id (str), image (image: {"bytes", "path"})
+    FOLDER/corpus.parquet     id (str), image (image: {"bytes", "path"}), optionally text (str: the page's OCR text)
     FOLDER/queries.parquet    id (str), text (str)
     FOLDER/qrels.parquet      query-id (str), corpus-id (str), score (int)
 
@@ -11,7 +11,12 @@ or one subfolder per split (`FOLDER/test/...`, `FOLDER/validation/...`), as Synt
 result file after it) and `description`; without one, a SynthDocs folder (synthdocs.json) is
 `SynthDocsRetrieval` and any other folder `LocalRetrieval-<parent>-<folder>`. `local_retrieval_task(FOLDER)` turns
 such a folder into an `AbsTaskRetrieval`, so mteb's own evaluation loop, metrics and result files apply unchanged. Its
-dataset revision is a hash of the parquet files: results computed on other data are recomputed, not reused.
+dataset revision is a hash of the parquet files: results computed on other data are recomputed, not reused. A corpus
+with a text column makes a "t2it" task (page image and text, the shape of ViDoRe(v3.1)): the retriever's
+`corpus_text` mode decides whether the text is used.
+
+Private tasks (mteb's `is_public=False`, e.g. ViDoRe(v3)'s Telecom and Nuclear domains, whose data only the
+benchmark's maintainers hold) are kept apart by `resolve_benchmarks`: they are reported as not run, never loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -88,6 +93,10 @@ def _read_table(path: Path, kind: str):
             f"{path} lacks the column(s) {', '.join(missing)}: a {kind} file needs {', '.join(REQUIRED_COLUMNS[kind])}."
         )
     dataset = datasets.Dataset(table)
+    if kind == "corpus" and "text" in dataset.column_names and dataset.features["text"] != datasets.Value("string"):
+        raise ColinternError(
+            f"{path}: the optional text column (the page's OCR text) must hold strings, got {dataset.features['text']}."
+        )
     if kind == "corpus" and not isinstance(dataset.features["image"], datasets.Image):
         try:
             dataset = dataset.cast_column("image", datasets.Image())
@@ -150,14 +159,16 @@ class LocalRetrievalTask(AbsTaskRetrieval):
         self.data_loaded = True
 
 
-def _task_metadata(name: str, path: str, revision: str, splits: Sequence[str], description: str) -> TaskMetadata:
+def _task_metadata(
+    name: str, path: str, revision: str, splits: Sequence[str], description: str, category: str = "t2i"
+) -> TaskMetadata:
     return TaskMetadata(
         name=name,
         description=description,
         reference=None,
         dataset={"path": path, "revision": revision},
         type="DocumentUnderstanding",
-        category="t2i",
+        category=category,  # "t2it": corpus rows hold a page image and its text (as ViDoRe(v3.1))
         eval_splits=list(splits),
         eval_langs=["eng-Latn"],
         main_score="ndcg_at_5",  # as ViDoRe(v1)
@@ -222,9 +233,22 @@ def local_retrieval_task(
         raise ColinternError(f"{folder} has no {', '.join(unknown)} split (it has {', '.join(split_dirs)}).")
     description = str(_task_info(folder).get("description") or f"Text-to-page retrieval on the local folder {folder}.")
     task_name = _task_name(name, str(folder)) if name else _task_name_for(folder)
-    metadata = _task_metadata(task_name, str(folder), folder_revision(split_dirs), sorted(split_dirs), description)
+    category = "t2it" if all(_corpus_has_text(path) for path in split_dirs.values()) else "t2i"
+    metadata = _task_metadata(
+        task_name, str(folder), folder_revision(split_dirs), sorted(split_dirs), description, category
+    )
     attributes = {"metadata": metadata, "data_path": str(folder)}
     return type("LocalRetrievalTask", (LocalRetrievalTask,), attributes)().filter_eval_splits(chosen)
+
+
+def _corpus_has_text(split_dir: Path) -> bool:
+    """Whether the split's corpus.parquet has a text column (read from the schema only)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return "text" in pq.read_schema(split_dir / "corpus.parquet").names
+    except Exception:  # noqa: BLE001 - unreadable: load_data names the file
+        return False
 
 
 def synthdocs_revision(config=None) -> str:
@@ -281,8 +305,22 @@ class BenchmarkSelection:
     """What one `--benchmarks` value resolved to: a label for averages and its tasks."""
 
     label: str
-    tasks: list[Any]
+    tasks: list[Any]  # the tasks to evaluate
     is_benchmark: bool  # a named group (its average is reported) rather than a single task
+    private: list[Any] = field(default_factory=list)  # tasks whose data is not public: reported, never loaded
+
+    @property
+    def n_total(self) -> int:
+        return len(self.tasks) + len(self.private)
+
+
+def is_private(task) -> bool:
+    """Whether mteb marks the task's data as private (`is_public=False`): only the benchmark's maintainers can run it."""
+    return getattr(task.metadata, "is_public", True) is False
+
+
+def _split_private(tasks: list[Any]) -> tuple[list[Any], list[Any]]:
+    return [t for t in tasks if not is_private(t)], [t for t in tasks if is_private(t)]
 
 
 LOCAL_TASKS = {"SynthDocsRetrieval": SynthDocsRetrieval}
@@ -312,14 +350,15 @@ def resolve_benchmarks(names: Sequence[str], splits: Sequence[str] | None = None
             continue
         try:
             benchmark = mteb.get_benchmark(name)
-            tasks = list(benchmark.tasks)
-            selections.append(BenchmarkSelection(benchmark.name, _with_splits(tasks, splits), True))
+            public, private = _split_private(list(benchmark.tasks))
+            selections.append(BenchmarkSelection(benchmark.name, _with_splits(public, splits), True, private))
             continue
         except KeyError:
             pass
         try:
             task = mteb.get_task(name)
-            selections.append(BenchmarkSelection(task.metadata.name, _with_splits([task], splits), False))
+            public, private = _split_private([task])
+            selections.append(BenchmarkSelection(task.metadata.name, _with_splits(public, splits), False, private))
             continue
         except KeyError:
             pass

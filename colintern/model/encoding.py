@@ -14,6 +14,7 @@ naming its id.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,22 @@ def plan_batches(costs: Sequence[int], batch_size: int) -> list[list[int]]:
         else:
             batches.append([index])
     return batches
+
+
+@contextmanager
+def _keep_text_tokens(model, enabled: bool):
+    """While encoding pages with text: the model keeps every token's embedding (the caller selects image and text
+    tokens) instead of zeroing all but the image tokens."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not enabled or not hasattr(target, "mask_non_image_embeddings"):
+        yield
+        return
+    before = target.mask_non_image_embeddings
+    target.mask_non_image_embeddings = False
+    try:
+        yield
+    finally:
+        target.mask_non_image_embeddings = before
 
 
 # ---------------------------------------------------------------------------------------------------- encoders
@@ -92,8 +109,16 @@ def encode_pages(
     storage_dtype: torch.dtype = torch.float16,
     page_ids: Sequence[Any] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    texts: Sequence[str] | None = None,
+    max_text_tokens: int | None = None,
 ) -> list[torch.Tensor]:
     """Page embeddings (image tokens only) as a list of (n_tiles * tokens_per_tile, dim) CPU tensors, input order.
+
+    With `texts` (a text per page, e.g. its OCR text), each page's prompt continues after the image with its text
+    (cut to `max_text_tokens` tokens) and the embedding holds the image tokens followed by the text tokens: under
+    causal attention the image tokens cannot see the text, so the text tokens (which see the whole image) carry it.
+    Pages of a batch then differ in length and are left-padded, which (masked, with rotary positions) leaves every
+    embedding as at batch size 1; `scripts/evaluate.py --check-invariance` checks it.
 
     Args:
         pages: PIL images in any mode, image bytes, `{"bytes", "path"}` dicts or paths; any indexable sequence
@@ -116,12 +141,29 @@ def encode_pages(
             image.close()
     device = _model_device(model)
     out: list[torch.Tensor | None] = [None] * n_pages
-    with tqdm(total=n_pages, desc="Encoding pages", unit="page", disable=not progress) as bar:
-        for batch in plan_batches(n_tiles, batch_size):
+    if texts is not None:
+        if len(texts) != n_pages:
+            raise ValueError(f"{len(texts)} texts for {n_pages} pages")
+        lengths = [len(ids) for ids in processor.page_text_ids(list(texts), max_text_tokens)]
+        by_length = sorted(range(n_pages), key=lambda i: (n_tiles[i], lengths[i]))  # little padding in a batch
+        batches = [[by_length[j] for j in batch] for batch in plan_batches([n_tiles[i] for i in by_length], batch_size)]
+    else:
+        batches = plan_batches(n_tiles, batch_size)
+    with tqdm(total=n_pages, desc="Encoding pages", unit="page", disable=not progress) as bar, _keep_text_tokens(
+        model, texts is not None
+    ):
+        for batch in batches:
             images = [load_page(pages[i], ids[i]) for i in batch]
-            inputs = processor.process_images(images).to(device)
+            if texts is None:
+                inputs = processor.process_images(images).to(device)
+                text_mask = None
+            else:
+                inputs = processor.process_images(images, [texts[i] for i in batch], max_text_tokens).to(device)
+                text_mask = inputs.pop("text_mask")
             embeddings = model(**inputs)
             keep = processor.get_image_mask(inputs) & inputs["attention_mask"].bool()
+            if text_mask is not None:
+                keep = keep | (text_mask & inputs["attention_mask"].bool())
             for index, embedding, mask in zip(batch, embeddings, keep):
                 out[index] = embedding[mask].to("cpu", storage_dtype)
             bar.update(len(batch))

@@ -73,28 +73,62 @@ class ColIntern3_5Processor(BaseVisualRetrieverProcessor, InternVLProcessor):  #
     def _tiling_kwargs(self) -> dict:
         return {"crop_to_patches": self.max_patches > 1, "min_patches": 1, "max_patches": self.max_patches}
 
-    def process_images(self, images: list[Image.Image]) -> BatchFeature:
+    def process_images(
+        self, images: list[Image.Image], texts: list[str] | None = None, max_text_tokens: int | None = None
+    ) -> BatchFeature:
         """Pages -> `input_ids`, `attention_mask` (left-padded) and `pixel_values` (total tiles, 3, H, W).
 
         The same tensors as `InternVLProcessor.__call__` on the page prompt (a test checks it), without re-tokenising
         the prompt for every page: a page's token ids depend only on its tile count and are cached per count.
+
+        Args:
+            texts: a text per page (e.g. its OCR text), placed in the prompt after the image on a new line, cut to
+                `max_text_tokens` tokens; its token positions come back as `text_mask` (pop it before the forward).
         """
         if len(images) == 0:
             raise ValueError("process_images needs at least one image")
+        if texts is not None and len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts for {len(images)} pages")
         rgb = [to_rgb(image) for image in images]
         image_inputs = self.image_processor(images=rgb, return_tensors="pt", **self._tiling_kwargs())
         tiles = image_inputs["num_patches"]
         rows = [self._page_prompt_ids(int(n)) for n in (tiles.tolist() if hasattr(tiles, "tolist") else tiles)]
+        if texts is not None:
+            text_ids = self.page_text_ids(texts, max_text_tokens)
+            separator = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+            rows = [row + separator + ids if ids else row for row, ids in zip(rows, text_ids)]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding, as the tokenizer pads
             input_ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, length - len(row) :] = 1
-        return BatchFeature(
-            {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": image_inputs["pixel_values"]},
-            tensor_type="pt",
-        )
+        features = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": image_inputs["pixel_values"]}
+        if texts is not None:  # the last len(ids) tokens of each row (left padding) are its text
+            text_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+            for i, ids in enumerate(text_ids):
+                if ids:
+                    text_mask[i, length - len(ids) :] = True
+            features["text_mask"] = text_mask
+        return BatchFeature(features, tensor_type="pt")
+
+    def page_text_ids(self, texts: list[str], max_text_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each page's text (cut to `max_text_tokens`); an empty text has none.
+
+        Special-token strings in the text (OCR markdown may hold `<img>`) are tokenised as plain text, and no id of
+        an image placeholder is kept: the model would take it for a slot of the page's image features.
+        """
+        reserved = {
+            getattr(self, name, None) for name in ("image_token_id", "start_image_token_id", "end_image_token_id")
+        }
+        out = []
+        for text in texts:
+            ids = []
+            if text and text.strip():
+                ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids = [i for i in ids if i not in reserved]
+            out.append(ids[:max_text_tokens] if max_text_tokens is not None else ids)
+        return out
 
     def _page_prompt_ids(self, n_tiles: int) -> list[int]:
         cache = self._prompt_ids_cache
