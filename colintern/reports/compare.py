@@ -59,7 +59,7 @@ class Rank:
     position: int  # 1 = best
     of: int  # the model and the reference models that have all the tasks it is ranked on
     n_tasks: int  # the tasks the ranking is computed on (those the model has)
-    left_out: int  # reference models lacking some of those tasks
+    left_out: int  # reference models lacking some of those tasks (or some of their language subsets)
 
 
 @dataclass
@@ -92,7 +92,9 @@ class Comparison:
             return None
         own = sum(self.score(result_set, t) for t in covered) / len(covered)
         others = [r for r in self.references if r is not result_set and r.model_name != result_set.model_name]
-        eligible = [r for r in others if all(self.score(r, t) is not None for t in covered)]
+        # a reference lacking language subsets of a task is not comparable on it (mteb averaged fewer languages)
+        eligible = [r for r in others if all(self.score(r, t) is not None and not r.tasks[t].missing_subsets
+                                             for t in covered)]
         if not eligible:
             return None
         means = [sum(self.score(r, t) for t in covered) / len(covered) for r in eligible]

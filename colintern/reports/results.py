@@ -241,6 +241,7 @@ def load_reference_models(leaderboard_dir: str | Path | None = None) -> list[Res
                 dataset_revision=entry.get("dataset_revision"),
                 split=entry.get("split"),
                 source=f"{source.get('repository', '?')}@{str(source.get('commit', '?'))[:7]}:{entry.get('path', '')}",
+                missing_subsets=tuple(entry.get("missing_subsets", ())),
             )
             for name, entry in task_entries.items()
         }
