@@ -21,7 +21,7 @@ from typing import Any
 from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
 from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
-from colintern.mteb_results import TaskScores, read_task_result, task_scores
+from colintern.mteb_results import PerQueryRecorder, TaskScores, read_task_result, task_scores
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ def evaluate(
         _load_task_data(task)
         recompute = plan[name][1]
         logger.info("Evaluating %s (%s)", name, ", ".join(task.eval_splits))
+        per_query = PerQueryRecorder(task).attach()  # each query's NDCG@5/@10, for confidence intervals
         try:
             mteb.evaluate(
                 wrapper,
@@ -261,7 +262,9 @@ def evaluate(
                 show_progress_bar=False,
             )
         finally:
+            per_query.detach()
             task.unload_data()
+        per_query.write(results_dir, replace=recompute)
         throughput[name] = wrapper.throughput(name)
         rate = throughput[name]
         logger.info(
