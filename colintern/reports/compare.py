@@ -17,9 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from colintern.reports.intervals import DEFAULT_DRAWS, DEFAULT_SEED, LEVEL, Interval, bootstrap, paired_bootstrap, strata
-from colintern.reports.intervals import verdict as paired_verdict
 from colintern.mteb_results import PER_QUERY_METRICS
+from colintern.reports.intervals import (
+    DEFAULT_DRAWS,
+    DEFAULT_SEED,
+    LEVEL,
+    Interval,
+    bootstrap,
+    paired_bootstrap,
+    strata,
+)
+from colintern.reports.intervals import verdict as paired_verdict
 from colintern.reports.results import (
     DEFAULT_EVALUATION_ROOT,
     DEFAULT_METRIC,

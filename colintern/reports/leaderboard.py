@@ -406,7 +406,10 @@ def _same_but_date(path: Path, record: dict) -> bool:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    strip = lambda r: {**r, "generated": {k: v for k, v in r.get("generated", {}).items() if k != "date"}}  # noqa: E731
+
+    def strip(r: dict) -> dict:
+        return {**r, "generated": {k: v for k, v in r.get("generated", {}).items() if k != "date"}}
+
     return strip(old) == strip(record)
 
 

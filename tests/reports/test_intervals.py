@@ -136,7 +136,7 @@ def test_benchmark_mean_interval_and_paired_test_on_known_scores(tmp_path):
     binomial = 1.96 * math.sqrt(0.8 * 0.2 / 100)  # the normal approximation of a task's 95% interval
     assert per_task[V1[0]].high - per_task[V1[0]].low == pytest.approx(2 * binomial, rel=0.2)
     assert mean.high - mean.low == pytest.approx(2 * binomial / math.sqrt(10), rel=0.2)
-    paired, paired_mean = comparison.paired(x, y, group)
+    _, paired_mean = comparison.paired(x, y, group)
     # X finds 10 more pages per task: a difference of 0.10 on 10 of 100 queries, 0 elsewhere
     assert paired_mean.estimate == pytest.approx(0.10)
     spread = 1.96 * math.sqrt(0.1 * 0.9 / 100) / math.sqrt(10)
@@ -164,6 +164,6 @@ def test_bootstrap_is_reproducible_and_stratified():
     again, _ = bootstrap({"T": values}, draws=300, seed=3)
     assert first == again and mean.n_tasks == 1
     # mteb's score: the mean of the two languages' means, not of the 60 queries
-    expected = np.mean([np.mean(list(q["ndcg_at_5"] for q in rows.values())) for rows in per_query["test"].values()])
+    expected = np.mean([np.mean([q["ndcg_at_5"] for q in rows.values()]) for rows in per_query["test"].values()])
     assert first["T"].estimate == pytest.approx(expected)
     assert strata(per_query, "ndcg_at_10") == {}
