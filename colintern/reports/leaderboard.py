@@ -168,7 +168,7 @@ def sparse_clone(destination: Path, models: Sequence[str], repository: str = RES
         except (OSError, subprocess.SubprocessError) as error:
             detail = getattr(error, "stderr", "") or str(error)
             raise ColinternError(
-                f"could not clone {repository} ({' '.join(command[:3])}...: {detail.strip().splitlines()[-1:]}). "
+                f"could not clone {repository} ({' '.join(command[:3])}...: {(detail.strip().splitlines() or ['?'])[-1]}). "
                 "Without network, pass a clone or snapshot made elsewhere with --results-repo."
             ) from error
     return destination

@@ -118,6 +118,15 @@ def test_a_bare_snapshot_reads_like_the_clone(repository):
     assert from_snapshot[0]["source"]["commit"] == repository["commit"]
 
 
+def test_without_a_path_it_makes_a_sparse_clone_of_the_repository(repository):
+    url = repository["clone"].as_uri()  # a local "remote": the same git commands as for GitHub
+    records = collect_reference_scores(None, models=[COLPALI], repository=url)
+    assert records == collect_reference_scores(repository["clone"], models=[COLPALI], repository=url)
+    assert records[0]["source"] == {"repository": url, "commit": repository["commit"]}
+    with pytest.raises(ColinternError, match=r"could not clone .*pass a clone or snapshot made elsewhere"):
+        collect_reference_scores(None, models=[COLPALI], repository=(repository["clone"].parent / "nowhere").as_uri())
+
+
 def test_a_folder_that_is_neither_clone_nor_snapshot_is_refused(tmp_path):
     with pytest.raises(ColinternError, match="no results/ folder, not a bare git snapshot"):
         collect_reference_scores(tmp_path)
