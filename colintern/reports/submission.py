@@ -210,9 +210,18 @@ def check_bundle(folder: Path, name: str, revision: str, expected_means: dict, e
     meta = _import_model_meta(folder / "mteb_model" / module_name)
     stored = json.loads((folder / "results" / name.replace("/", "__") / revision / "model_meta.json").read_text())
     dumped = json.loads(json.dumps(meta.to_dict(), default=str))
-    differing = [k for k in stored if k not in _NOT_IN_MODULE and dumped.get(k) != stored[k]]
+    differing = [k for k in stored if k not in _NOT_IN_MODULE and _normal(dumped.get(k)) != _normal(stored[k])]
     if meta.name != name or meta.revision != revision or differing:
         raise ColinternError(f"the generated {module_name} does not reproduce model_meta.json: {differing}")
+
+
+def _normal(value):
+    """A JSON value with lists sorted: ModelMeta keeps some fields (training_datasets) as sets, whose order varies."""
+    if isinstance(value, list):
+        return sorted((_normal(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
 
 
 def _import_model_meta(path: Path):
