@@ -12,6 +12,7 @@ Plumbing: imports nothing of colintern but `colintern.utils`, and mteb only insi
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class TaskScores:
     computed: bool = False
     pages_per_s: float | None = None
     queries_per_s: float | None = None
+    missing_subsets: tuple[str, ...] = ()  # language subsets of the task the result lacks (set for references)
 
     @property
     def main_score(self) -> float:
@@ -141,3 +143,132 @@ def benchmark_tasks(name: str) -> tuple[str, ...]:
     import mteb
 
     return tuple(task.metadata.name for task in mteb.get_benchmark(name).tasks)
+
+
+def missing_subsets(result: TaskResult, split: str = "test") -> list[str]:
+    """The task's language subsets (mteb's `hf_subsets`) that `result` has no `split` scores for; [] for a task mteb
+    does not know. A ViDoRe(v3) result with 3 of its 6 languages averages only those 3: not comparable."""
+    import mteb
+
+    try:
+        task = mteb.get_task(result.task_name)
+    except Exception:  # noqa: BLE001 - unknown or local task: nothing to check against
+        return []
+    if split not in task.eval_splits:
+        return []
+    return sorted(result.get_missing_evaluations(task).get(split, []))
+
+
+# ------------------------------------------------------------------------------------------- per-query scores
+# Beside mteb's `{Task}.json`, colintern keeps each query's NDCG@5/@10 in `per_query/{Task}.json` (a subfolder, so
+# mteb's `ResultCache`, which reads `{model}/{revision}/*.json`, never takes it for a task result): what bootstrap
+# confidence intervals and paired tests need. The values are mteb's own (pytrec_eval's per-query scores, the ones
+# mteb averages), captured through `AbsTaskRetrieval.task_specific_scores`, its hook for per-task extras.
+PER_QUERY_DIR = "per_query"
+PER_QUERY_FORMAT = "colintern-per-query/1"
+PER_QUERY_METRICS: tuple[str, ...] = ("ndcg_at_5", "ndcg_at_10")
+
+
+def per_query_path(results_dir: str | Path, task_name: str) -> Path:
+    return Path(results_dir) / PER_QUERY_DIR / f"{task_name}.json"
+
+
+class PerQueryRecorder:
+    """`recorder = PerQueryRecorder(task).attach()`, `mteb.evaluate(model, task, ...)`, `recorder.detach()` (or
+    `with PerQueryRecorder(task):`) keeps every query's NDCG@5/@10, per split and language subset;
+    `.write(results_dir)` stores them (atomically). A task that is not a retrieval task records nothing."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+        self.scores: dict[str, dict[str, dict[str, list[float]]]] = {}  # split -> subset -> query id -> values
+
+    def __enter__(self) -> PerQueryRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> PerQueryRecorder:
+        original = getattr(self.task, "task_specific_scores", None)
+        if original is None:
+            return self
+
+        def capture(scores, qrels, results, hf_split, hf_subset):
+            keys = [f"ndcg_cut_{metric.rsplit('_', 1)[1]}" for metric in PER_QUERY_METRICS]
+            if all(key in row for row in scores.values() for key in keys):
+                self.scores.setdefault(hf_split, {})[hf_subset] = {
+                    str(qid): [round(float(row[key]), 6) for key in keys] for qid, row in scores.items()
+                }
+            return original(scores, qrels, results, hf_split=hf_split, hf_subset=hf_subset)
+
+        self.task.task_specific_scores = capture  # an instance attribute over mteb's method, removed on exit
+        return self
+
+    def detach(self) -> None:
+        self.task.__dict__.pop("task_specific_scores", None)
+
+    def write(self, results_dir: str | Path, *, replace: bool = False) -> Path | None:
+        """Store what was recorded; subsets evaluated earlier (mteb's "only-missing" reruns) are kept unless
+        `replace`. Returns the file, or None when nothing was recorded."""
+        from colintern.utils import atomic_write_text
+
+        if not self.scores:
+            return None
+        name = self.task.metadata.name
+        path = per_query_path(results_dir, name)
+        old = None if replace else read_per_query(path.parent.parent, name, check=False)
+        merged = {split: dict(subsets) for split, subsets in (old or {}).items()}
+        for split, subsets in self.scores.items():
+            merged.setdefault(split, {}).update(subsets)
+        record = {
+            "format": PER_QUERY_FORMAT,
+            "task": name,
+            "dataset_revision": self.task.metadata.revision,
+            "metrics": list(PER_QUERY_METRICS),
+            "scores": merged,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
+        return path
+
+
+def read_per_query(
+    results_dir: str | Path, task_name: str, *, check: bool = True
+) -> dict[str, dict[str, dict[str, dict[str, float]]]] | None:
+    """{split: {subset: {query id: {metric: value}}}} from `results_dir/per_query/{task}.json`, or None when there
+    is none. With `check`, a file whose means disagree with the task's result file (stale: the task was recomputed
+    without it) is ignored with a warning."""
+    import logging
+
+    path = per_query_path(results_dir, task_name)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        metrics = data["metrics"]
+        scores = {
+            split: {
+                subset: {qid: dict(zip(metrics, values, strict=True)) for qid, values in queries.items()}
+                for subset, queries in subsets.items()
+            }
+            for split, subsets in data["scores"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logging.getLogger(__name__).warning("Ignoring unreadable per-query file %s (%s)", path, error)
+        return None
+    if check:
+        result_file = Path(results_dir) / f"{task_name}.json"
+        if not result_file.is_file():
+            return None
+        result = read_task_result(result_file)
+        for split, subsets in scores.items():
+            stored = {entry["hf_subset"]: entry for entry in result.scores.get(split, [])}
+            for subset, queries in subsets.items():
+                for metric in metrics:
+                    mean = sum(q[metric] for q in queries.values()) / max(1, len(queries))
+                    if subset not in stored or not abs(stored[subset].get(metric, math.nan) - mean) <= 1e-4:
+                        logging.getLogger(__name__).warning(
+                            "Ignoring %s: its %s mean for %s/%s differs from %s (stale per-query scores)",
+                            path, metric, split, subset, result_file)
+                        return None
+    return scores

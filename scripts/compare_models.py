@@ -14,7 +14,10 @@ Each argument is one of:
 
 Prints a table (task rows, model columns; NDCG@5 by default), the average per benchmark with the number of tasks it
 covers, each model's rank among the reference models, and the deltas to the baseline (the first argument unless
---baseline). Tasks a model was not evaluated on are shown as missing, never as zero.
+--baseline). Tasks a model was not evaluated on are shown as missing, never as zero. For runs evaluated by colintern
+(which keeps each query's NDCG@5/@10 in per_query/ beside mteb's files): 95% bootstrap intervals per task and for the
+benchmark mean, and a paired bootstrap of each run against the baseline ("A beats B on ViDoRe(v1): +1.30, 95% CI
+[0.40, 2.20]").
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def main(args: argparse.Namespace) -> int:
     from colintern.reports.compare import compare_models
     from colintern.utils import atomic_write_text
 
+    if args.bootstrap < 0:
+        from colintern.utils import ColinternError
+
+        raise ColinternError(f"--bootstrap must be 0 (no intervals) or a number of draws, got {args.bootstrap}")
     comparison = compare_models(
         args.models,
         metric=args.metric,
@@ -40,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
         benchmarks=args.benchmarks,
         evaluation_root=args.evaluation_root,
         leaderboard_dir=args.leaderboard_dir,
+        draws=args.bootstrap,
+        seed=args.seed,
     )
     print(comparison.to_text())
     if args.markdown == "-":
@@ -65,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='only these groups, e.g. "ViDoRe(v1)" "ViDoRe(v2)" "Other tasks" (default: all)')
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write a grouped bar chart per task")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown (for a model card); - prints")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="DRAWS",
+                        help="bootstrap draws for the 95%% intervals and paired tests of runs with per-query scores "
+                             "(our own evaluations keep them; 0: none; default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--evaluation-root", type=Path, default=Path("results/mteb_evaluation"),
                         help="where model names are looked up (default: results/mteb_evaluation)")
     parser.add_argument("--leaderboard-dir", type=Path,

@@ -24,7 +24,7 @@ from colintern.evaluation.protocol import build_protocol, check_same_protocol, s
 from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
 from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
-from colintern.mteb_results import TaskScores, read_task_result, task_scores
+from colintern.mteb_results import PerQueryRecorder, TaskScores, read_task_result, task_scores
 from colintern.utils import ColinternError
 
 logger = logging.getLogger(__name__)
@@ -312,6 +312,7 @@ def evaluate(
         _load_task_data(task)
         recompute = plan[name][1]
         logger.info("Evaluating %s (%s)", name, ", ".join(task.eval_splits))
+        per_query = PerQueryRecorder(task).attach()  # each query's NDCG@5/@10, for confidence intervals
         try:
             mteb.evaluate(
                 wrapper,
@@ -323,8 +324,10 @@ def evaluate(
                 show_progress_bar=False,
             )
         finally:
+            per_query.detach()
             task.unload_data()
         protocol_files.append(str(write_protocol(results_dir, name, protocol)))
+        per_query.write(results_dir, replace=recompute)
         throughput[name] = wrapper.throughput(name)
         rate = throughput[name]
         logger.info(

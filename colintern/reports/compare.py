@@ -17,6 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from colintern.mteb_results import PER_QUERY_METRICS
+from colintern.reports.intervals import (
+    DEFAULT_DRAWS,
+    DEFAULT_SEED,
+    LEVEL,
+    Interval,
+    bootstrap,
+    paired_bootstrap,
+    strata,
+)
+from colintern.reports.intervals import verdict as paired_verdict
 from colintern.reports.results import (
     DEFAULT_EVALUATION_ROOT,
     DEFAULT_METRIC,
@@ -59,7 +70,7 @@ class Rank:
     position: int  # 1 = best
     of: int  # the model and the reference models that have all the tasks it is ranked on
     n_tasks: int  # the tasks the ranking is computed on (those the model has)
-    left_out: int  # reference models lacking some of those tasks
+    left_out: int  # reference models lacking some of those tasks (or some of their language subsets)
 
 
 @dataclass
@@ -69,6 +80,8 @@ class Comparison:
     baseline: ResultSet
     groups: list[TaskGroup]
     references: list[ResultSet]
+    draws: int = DEFAULT_DRAWS  # bootstrap draws for the confidence intervals (0: none)
+    seed: int = DEFAULT_SEED
 
     # ---------------------------------------------------------------------------------------------------- figures
 
@@ -92,7 +105,9 @@ class Comparison:
             return None
         own = sum(self.score(result_set, t) for t in covered) / len(covered)
         others = [r for r in self.references if r is not result_set and r.model_name != result_set.model_name]
-        eligible = [r for r in others if all(self.score(r, t) is not None for t in covered)]
+        # a reference lacking language subsets of a task is not comparable on it (mteb averaged fewer languages)
+        eligible = [r for r in others if all(self.score(r, t) is not None and not r.tasks[t].missing_subsets
+                                             for t in covered)]
         if not eligible:
             return None
         means = [sum(self.score(r, t) for t in covered) / len(covered) for r in eligible]
@@ -116,6 +131,76 @@ class Comparison:
         if main in (self.metric, "main_score"):
             return group.name
         return f"{group.name}  (its leaderboard ranks by {metric_label(main)}: --metric main_score)"
+
+    # ------------------------------------------------------------------------------------- confidence intervals
+
+    def _task_metric(self, result_set: ResultSet, task: str) -> str | None:
+        if self.metric != "main_score":
+            return self.metric
+        scores = result_set.tasks.get(task)
+        return scores.main_metric if scores else None
+
+    def _splits(self, result_set: ResultSet, task: str) -> list[str] | None:
+        scores = result_set.tasks.get(task)
+        return scores.split.split(",") if scores and scores.split else None
+
+    def intervals(self, result_set: ResultSet, group: TaskGroup) -> tuple[dict[str, Interval], Interval | None]:
+        """95% bootstrap intervals of the group's tasks the model has per-query scores for, and of their mean (for
+        a benchmark, only when every task of the model's average has them)."""
+        if not self.draws or not result_set.per_query:
+            return {}, None
+        values = {}
+        for task in group.tasks:
+            if task in result_set.per_query and (metric := self._task_metric(result_set, task)):
+                found = strata(result_set.per_query[task], metric, self._splits(result_set, task))
+                if found:
+                    values[task] = found
+        per_task, mean = bootstrap(values, self.draws, self.seed)
+        average = self.average(result_set, group)
+        if not group.size or len(per_task) != average.n_tasks:
+            mean = None
+        return per_task, mean
+
+    def paired(self, a: ResultSet, b: ResultSet, group: TaskGroup) -> tuple[dict[str, Interval], Interval | None]:
+        """A - B on the group's tasks both have per-query scores for (same resampled queries), and on their mean."""
+        if not self.draws:
+            return {}, None
+        tasks = [t for t in group.tasks if t in a.per_query and t in b.per_query]
+        metrics = {t: self._task_metric(a, t) for t in tasks}
+        per_task, mean = paired_bootstrap({t: a.per_query[t] for t in tasks}, {t: b.per_query[t] for t in tasks},
+                                          metrics, {t: self._splits(a, t) for t in tasks}, self.draws, self.seed)
+        return per_task, mean if group.size else None
+
+    def interval_lines(self) -> list[str]:
+        """The intervals and paired results as text; [] when no compared model has per-query scores."""
+        own = [rs for rs in self.result_sets if rs.per_query]
+        if not own or not self.draws:
+            return []
+        label = metric_label(self.metric)
+        single = []
+        for rs in own:
+            for group in self.groups:
+                per_task, mean = self.intervals(rs, group)
+                for task, interval in per_task.items():
+                    single.append(f"  {rs.label}  {task}: {_fmt_interval(interval)}")
+                if mean is not None:
+                    single.append(f"  {rs.label}  {group.name} mean: {_fmt_interval(mean)}")
+        if not single:
+            kept = ", ".join(metric_label(m) for m in PER_QUERY_METRICS)
+            return [f"No confidence intervals for {label}: per-query scores are kept for {kept} (--metric)."]
+        lines = [f"{round(100 * LEVEL)}% bootstrap intervals ({label} x100; queries resampled within each task and "
+                 f"language, {self.draws} draws, seed {self.seed}); references have no per-query scores", *single]
+        baseline = self.baseline if self.baseline.per_query else own[0]
+        paired = []
+        for a in (rs for rs in own if rs is not baseline):
+            for group in self.groups:
+                per_task, mean = self.paired(a, baseline, group)
+                paired += ["  " + paired_verdict(a.label, baseline.label, t, i) for t, i in per_task.items()]
+                if mean is not None:
+                    paired.append("  " + paired_verdict(a.label, baseline.label, group.name, mean))
+        if paired:
+            lines += ["", f"Paired bootstrap ({label} x100; the same resampled queries for both runs)", *paired]
+        return lines
 
     # ---------------------------------------------------------------------------------------------------- tables
 
@@ -167,6 +252,9 @@ class Comparison:
         if deltas:
             parts += ["", f"Delta to the baseline {self.baseline.label} ({label} x100, on tasks both have)"]
             parts.append(_render_text(*deltas))
+        intervals = self.interval_lines()
+        if intervals:
+            parts += ["", *intervals]
         parts += ["", *self.source_lines()]
         return "\n".join(parts)
 
@@ -182,6 +270,9 @@ class Comparison:
         if deltas:
             parts += ["", f"**Delta to {self.baseline.label}** ({label} x100, on tasks both have).", ""]
             parts.append(_render_markdown(*deltas))
+        intervals = self.interval_lines()
+        if intervals:
+            parts += ["", "```", *intervals, "```"]
         parts += ["", *(f"- {line}" for line in self.source_lines())]
         return "\n".join(parts) + "\n"
 
@@ -214,13 +305,18 @@ def compare_models(
     benchmarks: Sequence[str] | None = None,
     evaluation_root: str | Path = DEFAULT_EVALUATION_ROOT,
     leaderboard_dir: str | Path | None = None,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = DEFAULT_SEED,
 ) -> Comparison:
     """Resolve `names` (folders, evaluated model names, reference models) and build their comparison."""
     if not names:
         raise ColinternError("name at least one result folder, evaluated model or reference model to compare")
     references = load_reference_models(leaderboard_dir)
     result_sets = resolve_result_sets(names, evaluation_root, references=references)
-    return build_comparison(result_sets, metric, baseline=baseline, benchmarks=benchmarks, references=references)
+    comparison = build_comparison(result_sets, metric, baseline=baseline, benchmarks=benchmarks,
+                                  references=references)
+    comparison.draws, comparison.seed = draws, seed
+    return comparison
 
 
 def build_comparison(
@@ -289,6 +385,11 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return MISSING
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _fmt_interval(interval: Interval) -> str:
+    return (f"{100 * interval.estimate:.2f} [{100 * interval.low:.2f}, {100 * interval.high:.2f}] "
+            f"(n={interval.n_queries} queries" + (f", {interval.n_tasks} tasks)" if interval.n_tasks > 1 else ")"))
 
 
 def _fmt_rank(rank: Rank | None) -> str:

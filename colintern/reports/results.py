@@ -15,10 +15,18 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from colintern.mteb_results import KNOWN_BENCHMARKS, TaskScores, benchmark_tasks, read_task_result, task_scores
+from colintern.mteb_results import (
+    KNOWN_BENCHMARKS,
+    PER_QUERY_DIR,
+    TaskScores,
+    benchmark_tasks,
+    read_per_query,
+    read_task_result,
+    task_scores,
+)
 from colintern.utils import ADAPTER_CONFIG_FILE, REFERENCES_DIR, RUN_CONFIG_FILE, ColinternError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +69,8 @@ class ResultSet:
     is_reference: bool = False
     origin: str = ""  # the folder or reference file the scores came from
     source_commit: str | None = None  # for a reference: the commit of the public results repository
+    # task -> {split: {subset: {query id: {metric: value}}}}: our own evaluations' per-query scores, when kept
+    per_query: dict[str, dict] = field(default_factory=dict)
 
     def score(self, task_name: str, metric: str) -> float | None:
         task = self.tasks.get(task_name)
@@ -151,7 +161,7 @@ def find_task_result_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*.json")):
         relative = path.relative_to(folder).parts
-        if any(part.startswith(".") or part.endswith(".partial") for part in relative[:-1]):
+        if any(part.startswith(".") or part.endswith(".partial") or part == PER_QUERY_DIR for part in relative[:-1]):
             continue
         if _looks_like_task_result(path):
             files.append(path)
@@ -196,6 +206,7 @@ def load_result_folder(folder: str | Path, label: str | None = None) -> list[Res
         for path in sorted(paths, key=lambda p: p.stat().st_mtime):
             scores = task_scores(read_task_result(path), source=path)
             tasks[scores.task] = scores
+        per_query = {task: pq for task in tasks if (pq := read_per_query(directory, task)) is not None}
         result_sets.append(
             ResultSet(
                 label=str(directory),
@@ -203,6 +214,7 @@ def load_result_folder(folder: str | Path, label: str | None = None) -> list[Res
                 model_name=model_name,
                 revision=revision,
                 origin=str(directory),
+                per_query=per_query,
             )
         )
     if len(result_sets) == 1:
@@ -241,6 +253,7 @@ def load_reference_models(leaderboard_dir: str | Path | None = None) -> list[Res
                 dataset_revision=entry.get("dataset_revision"),
                 split=entry.get("split"),
                 source=f"{source.get('repository', '?')}@{str(source.get('commit', '?'))[:7]}:{entry.get('path', '')}",
+                missing_subsets=tuple(entry.get("missing_subsets", ())),
             )
             for name, entry in task_entries.items()
         }
