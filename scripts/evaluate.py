@@ -31,6 +31,7 @@ logger = logging.getLogger("evaluate")
 
 def main(args: argparse.Namespace) -> int:
     from colintern.evaluation import download_benchmarks, evaluate
+    from colintern.model.compression import CompressionConfig
 
     if args.download_only:
         names = download_benchmarks(args.benchmarks, args.split)
@@ -51,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         max_num_visual_tokens=args.max_num_visual_tokens,
         show_progress=not args.no_progress,
+        compression=CompressionConfig.parse(args.compression) if args.compression else None,
     )
     print(f"\n{summary.model_name} (revision {summary.revision}), scores x100, results in {summary.results_dir}")
     print(summary.table())
@@ -88,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="mteb model name for the results folder (default colintern/<folder>)")
     parser.add_argument("--max-num-visual-tokens", type=int, help="override the processor's visual tokens per page",
                         **field_limits("model.max_num_visual_tokens"))
+    parser.add_argument(
+        "--compression",
+        metavar="SPEC",
+        help='score compressed page vectors, e.g. "pool=2,dim=64,quant=int8" or "quant=binary,rescore=32" '
+        "(keys pool, dim, quant float16|int8|binary, scoring asymmetric|hamming, rescore; see docs/evaluation.md)",
+    )
     parser.add_argument("--download-only", action="store_true", help="only fetch the Hub datasets into the cache")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

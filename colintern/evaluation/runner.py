@@ -21,6 +21,7 @@ from typing import Any
 from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
 from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
+from colintern.model.compression import CompressionConfig
 from colintern.mteb_results import TaskScores, read_task_result, task_scores
 from colintern.utils import ColinternError
 
@@ -201,6 +202,7 @@ def evaluate(
     model_name: str | None = None,
     max_num_visual_tokens: int | None = None,
     show_progress: bool = True,
+    compression: CompressionConfig | None = None,
 ) -> EvaluationSummary:
     """Evaluate `model_path` on `benchmarks` with mteb and return the scores read back from mteb's result files.
 
@@ -213,6 +215,8 @@ def evaluate(
         overwrite: recompute tasks that already have results.
         allow_untrained_head: evaluate a model whose projection head is untrained (a chance-level baseline).
         splits: evaluate these splits (e.g. ["validation"]) instead of each task's default.
+        compression: score with compressed page vectors (`colintern.model.compression`); results go to
+            `{model}/{revision}/experiments/<settings>/`, a folder of their own, and the bytes per page are logged.
 
     Raises:
         ColinternError for unknown benchmark names, unusable checkpoints (e.g. an untrained head) and datasets that
@@ -228,7 +232,8 @@ def evaluate(
     tasks = _unique_tasks(selections)
     info = describe_checkpoint(str(model_path), model_name=model_name)
     cache = ResultCache(cache_path=Path(output_dir))
-    results_dir = cache.get_task_result_path("x", info.name, info.revision).parent  # where mteb writes {Task}.json
+    experiment = _experiment_name(compression)
+    results_dir = cache.get_task_result_path("x", info.name, info.revision, experiment_name=experiment).parent
     logger.info("Model %s (revision %s): results in %s", info.name, info.revision, results_dir)
 
     plan = {
@@ -247,6 +252,7 @@ def evaluate(
         name = task.metadata.name
         if wrapper is None:
             wrapper = _load_wrapper(info, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress)
+            wrapper.set_compression(compression)
         _load_task_data(task)
         recompute = plan[name][1]
         logger.info("Evaluating %s (%s)", name, ", ".join(task.eval_splits))
@@ -272,6 +278,16 @@ def evaluate(
             rate["queries"],
             f"{rate['queries_per_s']:.1f}" if rate["queries_per_s"] else "-",
         )
+        storage = wrapper.storage(name)
+        if compression is not None and storage["pages"]:
+            logger.info(
+                "%s: compression %s, %.1f bytes per page (%.4f of float16's %.1f)",
+                name,
+                compression.label(),
+                storage["bytes_per_page"],
+                storage["fraction_of_float16"],
+                storage["float16_bytes_per_page"],
+            )
 
     rows, averages = _collect(selections, tasks, results_dir, throughput)
     return EvaluationSummary(
@@ -283,6 +299,14 @@ def evaluate(
         computed=[task.metadata.name for task in to_run],
         seconds=time.perf_counter() - start,
     )
+
+
+def _experiment_name(compression: CompressionConfig | None) -> str | None:
+    """mteb's folder name for the experiment (None for the baseline), as the wrapper's ModelMeta gives it."""
+    from mteb.models.model_meta import ModelMeta
+
+    kwargs = compression.experiment_kwargs() if compression is not None else None
+    return ModelMeta.create_empty().model_copy(update={"experiment_kwargs": kwargs}).experiment_name
 
 
 def model_results_dir(
