@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from colintern.evaluation.compression_sweep import compression_sweep, default_output_dir
 
     output_dir = args.output_dir or default_output_dir(args.model, args.task, args.split)
-    command = "python scripts/compression_sweep.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command(args, output_dir)
     result = compression_sweep(
         args.model,
         args.task,
@@ -48,6 +48,23 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"Results in {output_dir}")
     return 0
+
+
+def _command(args: argparse.Namespace, output_dir) -> str:
+    """The command that reproduces this sweep (from the parsed options, defaults left out)."""
+    from colintern.evaluation.compression_sweep import DEFAULT_SETTINGS
+
+    words = ["python", "scripts/compression_sweep.py", "--model", args.model, "--task", args.task]
+    for option in ("split", "batch_size", "device", "dtype", "model_name", "max_num_visual_tokens"):
+        value = getattr(args, option)
+        if value is not None and not (option == "batch_size" and value == 16):
+            words += [f"--{option.replace('_', '-')}", str(value)]
+    if args.allow_untrained_head:
+        words.append("--allow-untrained-head")
+    words += ["--output-dir", str(output_dir)]
+    if list(args.settings) != list(DEFAULT_SETTINGS):
+        words += ["--settings", *args.settings]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def build_parser() -> argparse.ArgumentParser:

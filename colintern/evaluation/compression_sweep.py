@@ -134,6 +134,7 @@ class SweepResult:
     output_dir: Path | None = None
     seconds: float = 0.0
     target: dict[str, Any] = field(default_factory=dict)
+    encoded: dict[str, int] = field(default_factory=dict)  # pages and queries the model encoded (once)
 
     @property
     def baseline(self) -> SweepRow:
@@ -149,6 +150,7 @@ class SweepResult:
             "command": self.command,
             "seconds": round(self.seconds, 1),
             "target": self.target,
+            "encoded": self.encoded,
             "settings": [
                 {
                     "setting": row.setting,
@@ -204,9 +206,11 @@ def format_table(result: SweepResult) -> str:
     lines = [
         f"# Compression sweep: {result.model_name} on {result.task} ({result.split})",
         "",
-        f"Model `{result.model}` (revision {result.revision}); float16 baseline "
-        f"{base.storage['vectors_per_page_before']:.1f} vectors x {dims:.0f} dims x 2 = "
-        f"{base.storage['float16_bytes_per_page']:.0f} bytes per page; {base.storage['pages']} pages.",
+        (
+            f"Model `{result.model}` (revision {result.revision}); float16 baseline "
+            f"{base.storage['vectors_per_page_before']:.1f} vectors x {dims:.0f} dims x 2 = "
+            f"{base.storage['float16_bytes_per_page']:.0f} bytes per page; {base.storage['pages']} pages."
+        ),
         "",
         "| setting | vectors/page | bytes/page | x float16 | re-score bytes/page | NDCG@5 | kept | NDCG@10 | front |",
         "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
@@ -369,6 +373,7 @@ def compression_sweep(
     sweep = SweepResult(
         model=str(model_path), model_name=info.name, revision=info.revision, task=name, split=eval_split, rows=rows,
         command=command, output_dir=output_dir, target=target_check(rows, baseline),
+        encoded={kind: wrapper.throughput(name)[kind] for kind in ("pages", "queries")},
     )
     sweep.seconds = time.perf_counter() - start
     write_outputs(sweep, output_dir)
