@@ -254,6 +254,7 @@ def plot(result: SweepResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     base = result.baseline
     figure, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
@@ -279,8 +280,14 @@ def plot(result: SweepResult, path: Path) -> None:
         axis.axvline(TARGET_FRACTION * base.storage["float16_bytes_per_page"], color="grey", ls=":", lw=0.8,
                      label="1/8 of float16 bytes")
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(LogLocator(base=2))  # bytes: 128, 256, 512, ...
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel(title)
         axis.grid(alpha=0.3, which="both")
+    qualities = [row.ndcg_at_5 for row in result.rows] + [TARGET_KEPT * base.ndcg_at_5]
+    margin = 0.05 * (max(qualities) - min(qualities)) + 1e-3
+    axes[0].set_ylim(min(qualities) - margin, max(qualities) + 2 * margin)
     axes[0].set_ylabel(f"NDCG@5 ({result.task}, {result.split})")
     axes[0].legend(fontsize=8, loc="lower right")
     axes[1].scatter([], [], marker="^", color="tab:blue", label="re-scored top candidates")
