@@ -240,6 +240,8 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         """Pages compressed (and their bytes counted), queries cut to the pages' dimension."""
         if kind == "queries":
             return prepare_queries(embeddings, self.compression) if self.compression else embeddings
+        if kind != "pages":
+            return embeddings
         pages = compress_pages(embeddings, self.compression) if self.compression else embeddings
         self.storage_stats[(task, split)].add(embeddings, pages)
         return pages
