@@ -30,6 +30,14 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import OutputDType
 
 from colintern.model.checkpoints import CheckpointInfo, check_trained_head, describe_checkpoint, training_datasets
+from colintern.model.compression import (
+    CompressionConfig,
+    StorageStats,
+    compress_pages,
+    is_compressed,
+    prepare_queries,
+    score,
+)
 from colintern.model.encoding import encode_pages, encode_queries
 from colintern.model.scoring import max_sim
 
@@ -90,6 +98,9 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         corpus_text_max_tokens: the text tokens kept per page in "prompt" mode.
         show_progress: progress bars while encoding.
         checkpoint: `describe_checkpoint(model_path)` when the caller has it already (saves hashing the weights).
+        compression: pool, truncate and quantize page vectors and score them so (`colintern.model.compression`);
+            the settings go to the ModelMeta's `experiment_kwargs`, so mteb files the results under
+            `experiments/<settings>/` and records them in model_meta.json. Bytes per page: `storage(task)`.
         revision: accepted for mteb's loader protocol; a local checkpoint's revision is the hash of its files, a Hub
             model's the commit it was loaded from.
     """
@@ -110,6 +121,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         revision: str | None = None,
         corpus_text: str = "ignore",
         corpus_text_max_tokens: int = DEFAULT_CORPUS_TEXT_MAX_TOKENS,
+        compression: CompressionConfig | None = None,
     ):
         from colintern.model.loading import default_device, load_retriever
 
@@ -132,6 +144,7 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         self._setup(model.eval(), processor, model_meta_for(model, info), storage_dtype, show_progress)
         self.checkpoint = info
         self.corpus_text, self.corpus_text_max_tokens = corpus_text, int(corpus_text_max_tokens)
+        self.set_compression(compression)
 
     @classmethod
     def from_model(
@@ -164,6 +177,14 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
         self.storage_dtype = storage_dtype
         self.show_progress = show_progress
         self.encode_stats: dict[tuple[str, str, str], EncodeStats] = defaultdict(EncodeStats)
+        self.compression: CompressionConfig | None = None
+        self.storage_stats: dict[tuple[str, str], StorageStats] = defaultdict(StorageStats)
+
+    def set_compression(self, compression: CompressionConfig | None) -> None:
+        """Score with page vectors compressed as `compression` says (None or the identity: as encoded)."""
+        self.compression = None if compression is None or compression.is_identity else compression
+        kwargs = self.compression.experiment_kwargs() if self.compression else None
+        self.mteb_model_meta = self.mteb_model_meta.model_copy(update={"experiment_kwargs": kwargs}, deep=True)
 
     # ------------------------------------------------------------------ mteb API
     def encode(
@@ -230,23 +251,47 @@ class ColIntern3_5Wrapper(AbsEncoder):  # noqa: N801 - the model family's publis
                 )  # fmt: skip
             else:
                 embeddings = encode_queries(self.mdl, self.processor, texts, batch_size, progress, self.storage_dtype)
+        embeddings = self._compressed(embeddings, kind, task_metadata.name, hf_split)
         stats = self.encode_stats[(task_metadata.name, hf_split, kind)]
         stats.items += len(embeddings)
         stats.seconds += time.perf_counter() - start
         return embeddings
 
+    def _compressed(self, embeddings: list[torch.Tensor], kind: str, task: str, split: str) -> list:
+        """Pages compressed (and their bytes counted), queries cut to the pages' dimension."""
+        if kind == "queries":
+            return prepare_queries(embeddings, self.compression) if self.compression else embeddings
+        if kind != "pages":
+            return embeddings
+        pages = compress_pages(embeddings, self.compression) if self.compression else embeddings
+        self.storage_stats[(task, split)].add(embeddings, pages)
+        return pages
+
     def similarity(self, embeddings1: Array, embeddings2: Array) -> torch.Tensor:
         """MaxSim of every query against every page: (n_queries, n_pages) float32."""
+        if is_compressed(embeddings2):
+            return score(_as_list(embeddings1), list(embeddings2), self.compression, device=self.device)
         return max_sim(_as_list(embeddings1), _as_list(embeddings2), device=self.device)
 
     def similarity_pairwise(self, embeddings1: Array, embeddings2: Array) -> torch.Tensor:
         """MaxSim of query i against page i: (n,) float32."""
-        queries, pages = _as_list(embeddings1), _as_list(embeddings2)
+        queries = _as_list(embeddings1)
+        pages = list(embeddings2) if is_compressed(embeddings2) else _as_list(embeddings2)
         if len(queries) != len(pages):
             raise ValueError(f"{len(queries)} queries but {len(pages)} pages")
-        return torch.stack([max_sim([q], [p], device=self.device)[0, 0] for q, p in zip(queries, pages)])
+        return torch.stack([self.similarity([q], [p])[0, 0] for q, p in zip(queries, pages)])
 
-    # ------------------------------------------------------------------ throughput
+    # ------------------------------------------------------------------ throughput and storage
+    def storage(self, task_name: str) -> dict[str, Any]:
+        """Bytes per page of `task_name`'s corpus as scored (all splits together), against the float16 baseline
+        (vectors x dim x 2); see `colintern.model.compression.StorageStats`."""
+        total = StorageStats()
+        for (task, _split), stats in self.storage_stats.items():
+            if task == task_name:
+                for name in vars(total):
+                    setattr(total, name, getattr(total, name) + getattr(stats, name))
+        return {"compression": (self.compression or CompressionConfig()).to_dict(), **total.to_dict()}
+
     def throughput(self, task_name: str) -> dict[str, float | None]:
         """pages/s and queries/s measured while encoding `task_name` (all splits together)."""
         totals = {"pages": EncodeStats(), "queries": EncodeStats()}

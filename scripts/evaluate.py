@@ -40,6 +40,7 @@ logger = logging.getLogger("evaluate")
 
 def main(args: argparse.Namespace) -> int:
     from colintern.evaluation import download_benchmarks, evaluate
+    from colintern.model.compression import CompressionConfig
 
     if args.download_only:
         names = download_benchmarks(args.benchmarks, args.split)
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         corpus_text=args.corpus_text,
         corpus_text_max_tokens=args.corpus_text_max_tokens,
         check_invariance=args.check_invariance,
+        compression=CompressionConfig.parse(args.compression) if args.compression else None,
     )
     print(f"\n{summary.model_name} (revision {summary.revision}), scores x100, results in {summary.results_dir}")
     if summary.invariance:
@@ -113,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check-invariance", action="store_true",
                         help="first check that scores do not depend on the batch size (sample at batch 1 vs "
                         "--batch-size); stop if they move")
+    parser.add_argument(
+        "--compression",
+        metavar="SPEC",
+        help='score compressed page vectors, e.g. "pool=2,dim=64,quant=int8" or "quant=binary,rescore=32" '
+        "(keys pool, dim, quant float16|int8|binary, scoring asymmetric|hamming, rescore; see docs/evaluation.md)",
+    )
     parser.add_argument("--download-only", action="store_true", help="only fetch the Hub datasets into the cache")
     parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

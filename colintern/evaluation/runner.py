@@ -24,6 +24,7 @@ from colintern.evaluation.protocol import build_protocol, check_same_protocol, s
 from colintern.evaluation.results import BenchmarkAverage, average, format_table
 from colintern.evaluation.tasks import BenchmarkSelection, is_hub_task, resolve_benchmarks
 from colintern.model.checkpoints import CheckpointInfo, describe_checkpoint
+from colintern.model.compression import CompressionConfig
 from colintern.mteb_results import PerQueryRecorder, TaskScores, read_task_result, task_scores
 from colintern.utils import ColinternError
 
@@ -218,6 +219,7 @@ def evaluate(
     corpus_text: str = "ignore",
     corpus_text_max_tokens: int | None = None,
     check_invariance: bool = False,
+    compression: CompressionConfig | None = None,
 ) -> EvaluationSummary:
     """Evaluate `model_path` on `benchmarks` with mteb and return the scores read back from mteb's result files.
 
@@ -235,6 +237,8 @@ def evaluate(
         corpus_text_max_tokens: text tokens kept per page in the "prompt" mode (default 1024).
         check_invariance: before evaluating, embed a sample of the first task's pages and queries at batch 1 and at
             `batch_size`; raise (naming the largest score difference) if the scores move.
+        compression: score with compressed page vectors (`colintern.model.compression`); results go to
+            `{model}/{revision}/experiments/<settings>/`, a folder of their own, and the bytes per page are logged.
 
     Raises:
         ColinternError for unknown benchmark names, unusable checkpoints (e.g. an untrained head) and datasets that
@@ -264,7 +268,8 @@ def evaluate(
         )
     info = describe_checkpoint(str(model_path), model_name=model_name)
     cache = ResultCache(cache_path=Path(output_dir))
-    results_dir = cache.get_task_result_path("x", info.name, info.revision).parent  # where mteb writes {Task}.json
+    experiment = _experiment_name(compression)
+    results_dir = cache.get_task_result_path("x", info.name, info.revision, experiment_name=experiment).parent
     logger.info("Model %s (revision %s): results in %s", info.name, info.revision, results_dir)
 
     plan = {
@@ -290,10 +295,12 @@ def evaluate(
     base_protocol: dict[str, Any] | None = None
 
     def load_wrapper():
-        return _load_wrapper(
+        loaded = _load_wrapper(
             info, device, dtype, allow_untrained_head, max_num_visual_tokens, show_progress, corpus_text,
             corpus_text_max_tokens,
         )  # fmt: skip
+        loaded.set_compression(compression)
+        return loaded
 
     if check_invariance and tasks:
         wrapper = load_wrapper()
@@ -304,7 +311,8 @@ def evaluate(
             wrapper = load_wrapper()
         if base_protocol is None:  # once per run: it hashes the weight files
             base_protocol = build_protocol(wrapper, batch_size=batch_size)
-        protocol = {**base_protocol, **_corpus_text_settings(task, corpus_text, corpus_text_max_tokens)}
+        protocol = {**base_protocol, **_corpus_text_settings(task, corpus_text, corpus_text_max_tokens),
+                    "compression": compression.experiment_kwargs() if compression is not None else None}
         if invariance is not None:
             protocol["invariance"] = invariance
         if not plan[name][1]:  # adding to earlier results (missing splits): they must share the protocol
@@ -338,6 +346,16 @@ def evaluate(
             rate["queries"],
             f"{rate['queries_per_s']:.1f}" if rate["queries_per_s"] else "-",
         )
+        storage = wrapper.storage(name)
+        if compression is not None and storage["pages"]:
+            logger.info(
+                "%s: compression %s, %.1f bytes per page (%.4f of float16's %.1f)",
+                name,
+                compression.label(),
+                storage["bytes_per_page"],
+                storage["fraction_of_float16"],
+                storage["float16_bytes_per_page"],
+            )
 
     rows, averages = _collect(selections, tasks, results_dir, throughput)
     return EvaluationSummary(
@@ -393,6 +411,12 @@ def _check_invariance(wrapper, task, batch_size: int, selections) -> dict[str, A
     )  # fmt: skip
     report.raise_if_failed()
     return {"task": task.metadata.name, **report.to_dict()}
+def _experiment_name(compression: CompressionConfig | None) -> str | None:
+    """mteb's folder name for the experiment (None for the baseline), as the wrapper's ModelMeta gives it."""
+    from mteb.models.model_meta import ModelMeta
+
+    kwargs = compression.experiment_kwargs() if compression is not None else None
+    return ModelMeta.create_empty().model_copy(update={"experiment_kwargs": kwargs}).experiment_name
 
 
 def model_results_dir(
