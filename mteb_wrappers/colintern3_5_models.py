@@ -29,6 +29,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import OutputDType
 
+from colintern.model.architecture import INTERNVL3_5_1B
 from colintern.model.checkpoints import CheckpointInfo, check_trained_head, describe_checkpoint, training_datasets
 from colintern.model.compression import (
     CompressionConfig,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COLINTERN_CITATION = None  # no article yet; mteb asks to leave the citation out rather than cite a model card
-INTERNVL3_5_1B = "OpenGVLab/InternVL3_5-1B-HF"
 CORPUS_TEXT_MODES = ("ignore", "prompt")
 DEFAULT_CORPUS_TEXT_MAX_TOKENS = 1024
 

@@ -57,13 +57,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from colintern.model.architecture import INTERNVL3_5_1B
     from colintern.training.arguments import field_limits
     from colintern.tuning.advisor import COLPALI_TRAIN_SET_PAIRS, DEFAULT_EPOCHS, DEFAULT_QUERY_TOKENS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
-        default="OpenGVLab/InternVL3_5-1B-HF",
+        default=INTERNVL3_5_1B,
         help="Hub id, shipped preset (InternVL3_5-1B ... -14B), local checkpoint or embedded:tiny-internvl3_5 "
         "(default: %(default)s)",
     )

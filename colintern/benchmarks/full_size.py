@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 
-from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, InternVLArchitecture
+from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, INTERNVL3_5_1B, InternVLArchitecture
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 }
 
 
-FULL_SIZE_MODEL = "OpenGVLab/InternVL3_5-1B-HF"
+FULL_SIZE_MODEL = INTERNVL3_5_1B
 
 
 def full_size_config(name: str = FULL_SIZE_MODEL):

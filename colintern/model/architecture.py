@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from colintern.utils import ColinternError
 
+INTERNVL3_5_1B = "OpenGVLab/InternVL3_5-1B-HF"  # the published backbone: the default base model everywhere
 DEFAULT_MAX_NUM_VISUAL_TOKENS = 1536  # 6 tiles of 256 tokens: e.g. 2 x 2 tiles + thumbnail for a square page
 DEFAULT_EMBEDDING_DIM = 128  # the width of custom_text_proj unless the config says otherwise (ColPali's 128)
 
