@@ -288,8 +288,8 @@ LORA_RANK_BY_SIZE: tuple[tuple[float, int], ...] = ((0.75e9, 16), (3e9, 32), (ma
 # as 1/width (the muP law the table follows above 7B; Yang et al. 2022): colpali-engine's ColSmolVLM recipe
 # (scripts/configs/idefics/train_colsmolvlm_model.yaml: SmolVLM2-256M, whose SmolLM2-135M is 576 wide) trains LoRA
 # r = alpha = 32 at 5e-4, 10x the 2-3B recipes' 5e-5; so 5e-4 x 576 / width, when larger than the table's rate.
-# The embedded tiny backbone (128 wide) gets 2.25e-3; measured on the demo's LoRA stage
-# (results/ablations/demo-lora-lr.md), where the former anchor (5e-5 x 1024/width = 4e-4) was 5-10x below the best.
+# The embedded tiny backbone (128 wide) gets 2.25e-3, a factor 3 below the best rate measured on the demo's LoRA stage
+# (results/ablations/demo-lora-lr.md: 6.75e-3); the former anchor (5e-5 x 1024/width = 4e-4) was 17x below it.
 # Models 1024 wide or wider keep the table: the published recipes jump between the two sizes (ColSmol 256M/500M at
 # 5e-4; ColPali/ColQwen2 at 5e-5, ColQwen2.5-3B's current script at 2e-4) and InternVL3.5-1B stays at 5e-5.
 WIDTH_REFERENCE = (576, 5e-4)
