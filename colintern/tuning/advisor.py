@@ -284,11 +284,16 @@ LEARNING_RATE_BY_SIZE: tuple[tuple[float, float], ...] = (
 LORA_RANK_BY_SIZE: tuple[tuple[float, int], ...] = ((0.75e9, 16), (3e9, 32), (math.inf, 64))
 
 
-# Below the smallest published model the table has no data: there the rate follows the language model's width as
-# 1/width (the same muP law the table follows above 7B), anchored at InternVL3.5-1B (Qwen3-0.6B, 1024 wide, 5e-5 as
-# ColPali's r=32 recipe). Measured on the embedded tiny backbone (128 wide: 4e-4; results/ablations/demo-lora-lr.md):
-# the table's 7e-5 learnt 10x slower than the best rate. Models 1024 wide or wider keep the table's rate.
-WIDTH_REFERENCE = (1024, 5e-5)
+# Language models narrower than InternVL3.5-1B's (Qwen3-0.6B, 1024 wide) get the published small-model recipe scaled
+# as 1/width (the muP law the table follows above 7B; Yang et al. 2022): colpali-engine's ColSmolVLM recipe
+# (scripts/configs/idefics/train_colsmolvlm_model.yaml: SmolVLM2-256M, whose SmolLM2-135M is 576 wide) trains LoRA
+# r = alpha = 32 at 5e-4, 10x the 2-3B recipes' 5e-5; so 5e-4 x 576 / width, when larger than the table's rate.
+# The embedded tiny backbone (128 wide) gets 2.25e-3, a factor 3 below the best rate measured on the demo's LoRA stage
+# (results/ablations/demo-lora-lr.md: 6.75e-3); the former anchor (5e-5 x 1024/width = 4e-4) was 17x below it.
+# Models 1024 wide or wider keep the table: the published recipes jump between the two sizes (ColSmol 256M/500M at
+# 5e-4; ColPali/ColQwen2 at 5e-5, ColQwen2.5-3B's current script at 2e-4) and InternVL3.5-1B stays at 5e-5.
+WIDTH_REFERENCE = (576, 5e-4)
+NARROW_BELOW = 1024  # InternVL3.5-1B's language model width: narrower ones get the width-scaled small-model rate
 
 
 def base_learning_rate(params: int) -> float:
@@ -297,8 +302,10 @@ def base_learning_rate(params: int) -> float:
 
 
 def learning_rate_for(params: int, text_hidden: int) -> float:
-    """The table's rate, or 5e-5 x 1024 / width for language models narrower than InternVL3.5-1B's, if larger."""
+    """The table's rate, or 5e-4 x 576 / width for language models narrower than InternVL3.5-1B's, if larger."""
     width, rate = WIDTH_REFERENCE
+    if text_hidden >= NARROW_BELOW:
+        return base_learning_rate(params)
     return max(base_learning_rate(params), rate * width / text_hidden)
 
 
@@ -562,10 +569,11 @@ def recommend(
     learning_rate = scale_learning_rate(base, effective)
     narrow = base > base_learning_rate(size)
     reasoning.append(
-        f"Learning rate {learning_rate:.2g}: {base:.0e} for a {_short(size)}-parameter model (< 0.5B 7e-5, ~1B "
+        f"Learning rate {learning_rate:.3g}: {base:.3g} for a {_short(size)}-parameter model (< 0.5B 7e-5, ~1B "
         f"5e-5, 3B+ 3e-5, lower beyond as 1/width"
-        + (f"; its language model is {arch.text.hidden} wide, narrower than InternVL3.5-1B's 1024, so 5e-5 x "
-           f"1024/{arch.text.hidden}, the 1/width law of muP)" if narrow else ")")
+        + (f"; its language model is {arch.text.hidden} wide, narrower than InternVL3.5-1B's 1024, so the "
+           f"published small-model recipe (ColSmolVLM, 576 wide: 5e-4) x 576/{arch.text.hidden}, the 1/width law "
+           "of muP)" if narrow else ")")
         + (
             f", x sqrt({effective}/{REFERENCE_EFFECTIVE_BATCH}) for the effective batch (square-root scaling for "
             "Adam, Malladi et al. 2022)."

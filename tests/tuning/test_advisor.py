@@ -339,16 +339,19 @@ def test_the_demo_lora_preset_holds_the_advisors_settings_for_the_pretrained_bac
 
 
 def test_models_narrower_than_internvl3_5_1b_get_the_width_scaled_rate():
-    """Below the published sizes the rate follows 1/width from InternVL3.5-1B's 5e-5 at 1024 wide (measured on the
-    tiny backbone: results/ablations/demo-lora-lr.md); every shipped InternVL3.5 keeps the published recipes' rate."""
+    """Narrower than InternVL3.5-1B's language model, the rate follows 1/width from the published small-model recipe
+    (ColSmolVLM: 5e-4 at 576 wide; measured on the tiny backbone: results/ablations/demo-lora-lr.md); every shipped
+    InternVL3.5 keeps the published recipes' rate."""
     from colintern.tuning.advisor import learning_rate_for
 
     assert learning_rate_for(int(1.06e9), 1024) == 5e-5  # InternVL3.5-1B: ColPali's 5e-5
     assert learning_rate_for(int(0.3e9), 2048) == 7e-5  # wide enough: the table
-    assert learning_rate_for(1_075_456, 128) == pytest.approx(4e-4)  # the embedded tiny model
+    assert learning_rate_for(int(0.26e9), 576) == pytest.approx(5e-4)  # ColSmolVLM-256M's own recipe
+    assert learning_rate_for(1_075_456, 128) == pytest.approx(2.25e-3)  # the embedded tiny model (4e-4 before)
+    assert learning_rate_for(int(1.06e9), 1023) > learning_rate_for(int(1.06e9), 1024)  # only narrower ones move
     for hub_id in PRESETS:
         rec = recommend(hub_id, vram_gib=80, num_gpus=1)
         table = advisor.scale_learning_rate(advisor.base_learning_rate(rec.arch.backbone_params), rec.effective_batch_size)
         assert rec.learning_rate == pytest.approx(table, rel=1e-2), hub_id
     tiny = recommend("embedded:tiny-internvl3_5-pretrained", vram_gib=16, num_gpus=1, dataset_size=6000, epochs=1)
-    assert tiny.learning_rate == pytest.approx(4e-4) and "1024/128" in " ".join(tiny.reasoning)
+    assert tiny.learning_rate == pytest.approx(2.25e-3) and "576/128" in " ".join(tiny.reasoning)
