@@ -326,6 +326,32 @@ def _default_training() -> ColinternTrainingArguments:
     return ColinternTrainingArguments()
 
 
+# TrainingArguments fields the recipe sets itself (colintern.training.trainer.build_trainer), with the option that
+# decides them; a value given for one would be ignored, so it is refused instead.
+DECIDED_BY_COLINTERN = {
+    "eval_strategy": "--eval-steps and --eval-split", "do_eval": "--eval-steps and --eval-split",
+    "save_strategy": "--save-steps", "per_device_eval_batch_size": "--batch-size",
+    "load_best_model_at_end": "--early-stopping-patience", "metric_for_best_model": "the evaluation",
+    "greater_is_better": "the evaluation", "data_seed": "--seed", "remove_unused_columns": "the collator",
+    "dataloader_pin_memory": "the device", "dataloader_persistent_workers": "--num-workers",
+    "train_sampling_strategy": "the data's page lengths", "length_column_name": "the data's page lengths",
+    "ddp_find_unused_parameters": "the model", "use_cpu": "--bf16 and the device",
+    "optim": "colintern's AdamW (per-part learning rates: --lr, --lr-head, --lr-vision)",
+    "optim_args": "colintern's AdamW", "optim_target_modules": "colintern's AdamW", "adam_beta1": "colintern's AdamW",
+    "adam_beta2": "colintern's AdamW", "adam_epsilon": "colintern's AdamW",
+}
+
+
+def trainer_options(training: ColinternTrainingArguments) -> dict:
+    """The TrainingArguments fields given beyond those colintern declares (e.g. --lr_scheduler_kwargs,
+    --torch_compile, --ddp_timeout): passed on to the Trainer as they are."""
+    default = _default_training()
+    own = ColinternTrainingArguments.__annotations__
+    return {f.name: getattr(training, f.name) for f in fields(training)
+            if f.init and f.name not in own and f.name not in _NOT_SAVED and f.name not in DECIDED_BY_COLINTERN
+            and f.name != "run_name" and getattr(training, f.name) != getattr(default, f.name)}
+
+
 def upgrade_training_keys(values: dict, source: str | None = None) -> dict:
     """A `training:` mapping with the names of older configuration files (RENAMED_FIELDS) under their
     TrainingArguments names; a name given both ways keeps the new one's value."""
@@ -427,6 +453,9 @@ def apply_overrides(config: RunConfig, data: dict, source: str = "configuration"
             value = upgrade_training_keys(value, source)
         changed = {}
         for name, item in value.items():
+            if key == "training" and name in DECIDED_BY_COLINTERN and item != getattr(_default_training(), name):
+                raise ColinternError(f"{source}: training.{name} (--{name}) is set by colintern from "
+                                     f"{DECIDED_BY_COLINTERN[name]}; leave it out")
             if name not in known:
                 import difflib
 
@@ -502,6 +531,8 @@ def load_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ColinternError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise ColinternError(f"{path} must contain a mapping of sections")
+    if isinstance(data.get("training"), dict):  # before merging: an old name in a child overrides its base's new one
+        data["training"] = upgrade_training_keys(data["training"], str(path))
     base = data.get("base")
     if not base:
         return data
@@ -595,7 +626,7 @@ class ConfigArgumentParser(HfArgumentParser):
         HfArgumentParser._parse_dataclass_field(parser, field)
         if field.default is False and field.type in (bool, bool | None):  # HF adds --no-X only for default-True
             parser.add_argument(f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}", action="store_false",
-                                dest=field.name, help=argparse.SUPPRESS)
+                                dest=field.name, help=f"turn {flag} off" if flag else argparse.SUPPRESS)
 
 
 TRAINING_DEST = "training"  # argparse group title of the training options

@@ -678,12 +678,16 @@ class PreparedRun:
 
 
 def recipe_arguments(config: RunConfig) -> dict:
-    """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging)."""
+    """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging), and any
+    other TrainingArguments field the configuration sets (colintern.training.arguments.trainer_options)."""
     training = config.training
     from transformers.utils import is_torch_bf16_gpu_available
 
+    from colintern.training.arguments import trainer_options
+
     bf16 = _bf16(config)
     return dict(
+        **trainer_options(training),
         # --bf16 true without a bf16 accelerator: CPU autocast (transformers refuses bf16 there unless told use_cpu)
         use_cpu=bf16 and not is_torch_bf16_gpu_available(),
         output_dir=str(training.output_dir),

@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from colintern.training.arguments import RunConfig
+from colintern.training.arguments import RunConfig, canonical_path
 from colintern.tuning.search.memory import bound_batch_size
 from colintern.tuning.search.outputs import SearchResult, write_outputs
 from colintern.tuning.search.runner import TrialFailed, TrialRunner, trial_log_path
@@ -132,7 +132,7 @@ def _comparable(config: RunConfig, space: SearchSpace) -> dict:
     data = config.to_dict()
     data.pop("experiment", None)
     for path in BOOKKEEPING_FIELDS | {p.path for p in space.parameters}:
-        section, name = path.split(".", 1)
+        section, name = canonical_path(path).split(".", 1)
         data.get(section, {}).pop(name, None)
     return json.loads(json.dumps(data, default=str))
 
