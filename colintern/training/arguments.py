@@ -543,7 +543,9 @@ def load_yaml_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 def deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key == "training" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(upgrade_training_keys(merged[key]), upgrade_training_keys(value))
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
