@@ -11,7 +11,12 @@ to experiments/configs/):
     model: {name_or_path: ..., max_num_visual_tokens: ...}
     data: {dataset: ..., eval_split: ...}
     lora: {enabled: true, rank: 32, alpha: 32, dropout: 0.1}
-    training: {lr: 5e-5, epochs: 5, batch_size: 16, grad_accum: 4, ...}
+    training: {learning_rate: 5e-5, num_train_epochs: 5, per_device_train_batch_size: 16, ...}
+
+`training` is `transformers.TrainingArguments` (ColinternTrainingArguments: colintern's defaults and added options),
+and the command line is `transformers.HfArgumentParser` (ConfigArgumentParser): `--learning_rate`,
+`--learning-rate` and colintern's short `--lr` are the same option. Files with the older names of the training
+options (`lr`, `epochs`, `batch_size`, `grad_accum`, `scheduler`, `resume`: RENAMED_FIELDS) still load.
 """
 
 from __future__ import annotations
@@ -631,9 +636,6 @@ class ConfigArgumentParser(HfArgumentParser):
                                 dest=field.name, help=f"turn {flag} off" if flag else argparse.SUPPRESS)
 
 
-TRAINING_DEST = "training"  # argparse group title of the training options
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per configuration field, plus --preset/--config/--config-from. The training options are
     TrainingArguments' fields as HfArgumentParser makes them (colintern's short flags as aliases); the other
@@ -657,7 +659,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             else:
                 group.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=f.metadata["help"])
     group = parser.add_argument_group(
-        TRAINING_DEST, "transformers.TrainingArguments (https://huggingface.co/docs/transformers/main_classes/trainer"
+        "training", "transformers.TrainingArguments (https://huggingface.co/docs/transformers/main_classes/trainer"
         "#transformers.TrainingArguments) with colintern's defaults and options")
     before = len(parser._actions)
     hints = typing.get_type_hints(ColinternTrainingArguments)
