@@ -292,3 +292,19 @@ def test_other_trainingarguments_fields_reach_the_trainer():
     assert arguments["lr_scheduler_kwargs"] == {"num_cycles": 2} and arguments["ddp_timeout"] == 60
     assert "ddp_timeout" not in recipe_arguments(parse(["--preset", "demo"]))
     assert config.to_dict()["training"]["ddp_timeout"] == 60  # saved with the run, and read back by a resume
+
+
+def test_the_model_card_reads_old_and_new_run_configurations(tmp_path):
+    """export.model_card shows the recipe from colintern_run.json, whichever names the run saved it with."""
+    from peft import LoraConfig
+
+    from colintern.training.export import model_card
+
+    LoraConfig(r=16, lora_alpha=16, base_model_name_or_path="embedded:tiny-internvl3_5").save_pretrained(str(tmp_path))
+    new = parse(["--preset", "demo", "--lr", "4e-4"]).to_dict()
+    old = {**new, "training": {"lr": 4e-4, "epochs": 5.0, "batch_size": 32, "grad_accum": 1, "scheduler": "linear",
+                               "warmup_steps": 50, "max_steps": 800, "loss": "colbert"}}
+    for run_config in (new, old):
+        card = model_card(tmp_path, run_config, None)
+        assert "| batch x accumulation | 32 x 1 |" in card and "| learning rate | 0.0004 (warm-up 50" in card, card
+        assert "linear) |" in card and "| epochs / max steps | 5.0 / 800 |" in card
