@@ -289,8 +289,8 @@ def test_script_resumes_a_journal_study_and_feeds_train(colintern_home, small_sy
     assert printed.returncode == 0, printed.stderr[-2000:]
     record = json.loads(best.read_text())
     config = json.loads(printed.stdout)
-    assert config["training"]["lr"] == record["learning_rate"]
-    assert config["training"]["batch_size"] == record["per_device_train_batch_size"]
+    assert config["training"]["learning_rate"] == record["learning_rate"]
+    assert config["training"]["per_device_train_batch_size"] == record["per_device_train_batch_size"]
 
 
 
