@@ -572,3 +572,16 @@ def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, 
         assert math.isclose(t.value, expected[t.params["training.learning_rate"]], rel_tol=1e-6), (t.params, t.value, expected)
     best = min(complete, key=lambda t: t.value)
     assert best.params == reference.best_params and math.isclose(best.value, reference.best_value, rel_tol=1e-6)
+
+
+def test_a_search_space_with_the_old_training_names_still_works():
+    """Search spaces written before the training options took TrainingArguments' names (training.lr, ...)."""
+    from colintern.training.arguments import advisor_key
+    from colintern.tuning.search.space import trial_config
+
+    old = space(**{"training.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+                   "training.batch_size": {"type": "categorical", "choices": [4, 8]}})
+    assert old.get("training.per_device_train_batch_size").choices == (4, 8)  # what the memory bound looks up
+    config = trial_config(RunConfig(), {"training.lr": 2e-4, "training.batch_size": 8})
+    assert (config.training.learning_rate, config.training.per_device_train_batch_size) == (2e-4, 8)
+    assert advisor_key("training.lr") == "learning_rate" and advisor_key("lora.rank") == "lora_rank"
