@@ -329,7 +329,7 @@ def test_the_demo_lora_preset_holds_the_advisors_settings_for_the_pretrained_bac
     advice = recommend(PRETRAINED_MODEL, dataset_size=n_train, epochs=int(preset.training.num_train_epochs))
     (tmp_path / "advisor.json").write_text(json.dumps(advice.to_json()))
     overrides = advisor_overrides(tmp_path / "advisor.json")  # what scripts/train.py --config-from applies
-    assert {"lr", "batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
+    assert {"learning_rate", "per_device_train_batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
     for section, values in overrides.items():
         for name, value in values.items():
             assert getattr(getattr(preset, section), name) == value, f"demo-lora {section}.{name} != advisor {value}"
