@@ -22,11 +22,13 @@ options (`lr`, `epochs`, `batch_size`, `grad_accum`, `scheduler`, `resume`: RENA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import logging
+import sys
 import types
 import typing
 import warnings
@@ -243,9 +245,11 @@ class ColinternTrainingArguments(TrainingArguments):
         # bf16 is resolved when the Trainer's arguments are built (auto; CPU autocast with `use_cpu`): transformers
         # would refuse `bf16=True` here on a machine without a bf16 GPU. `gradient_checkpointing` is transformers'
         # older name of `activation_checkpointing`; colintern keeps it (the recipe applies it to the language model).
+        # transformers prints a WANDB_MODE notice on stdout when its integrations load (here, the first time):
+        # stdout is a script's output (--print-config), so the notice goes to stderr.
         bf16, self.bf16 = self.bf16, False
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
                 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
                 super().__post_init__()
         finally:
