@@ -247,13 +247,20 @@ class ColinternTrainingArguments(TrainingArguments):
         # older name of `activation_checkpointing`; colintern keeps it (the recipe applies it to the language model).
         # transformers prints a WANDB_MODE notice on stdout when its integrations load (here, the first time):
         # stdout is a script's output (--print-config), so the notice goes to stderr.
+        # Nor does reading a configuration set up devices (under torchrun that starts the process group before the
+        # model is loaded): the Trainer's own TrainingArguments do that.
         bf16, self.bf16 = self.bf16, False
+        self._configuring = True
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
                 warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
                 super().__post_init__()
         finally:
-            self.bf16 = bf16
+            self.bf16, self._configuring = bf16, False
+
+    @property
+    def device(self):
+        return None if getattr(self, "_configuring", False) else super().device
 
 
 TrainingConfig = ColinternTrainingArguments  # the name before the options were transformers.TrainingArguments
