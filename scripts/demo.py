@@ -146,7 +146,7 @@ def lora_demo(out: Path, retrain: bool) -> str:
     domain_b = "embedded:synthdocs-b"
     preset = load_yaml_config(preset_path("demo-lora"))
     n_train = SynthDocsConfig(domain="b").n_train
-    epochs = int(preset["training"]["epochs"])
+    epochs = int(preset["training"]["num_train_epochs"])
     step("6/8 The advisor's settings for the pretrained backbone",
          f"python scripts/hyperparameter_optimizer.py --model {PRETRAINED_MODEL} --dataset-size {n_train} "
          f"--epochs {epochs} --output {stage}/advisor.json")
@@ -165,7 +165,7 @@ def lora_demo(out: Path, retrain: bool) -> str:
                                    model_name="colintern/tiny-internvl3_5-pretrained")}
     # full fine-tuning: every weight (vision included), at the full-training learning rate measured for this model
     # (results/ablations/demo-lr.md), same batch, steps and warm-up as the LoRA run
-    full_lr = load_yaml_config(preset_path("demo"))["training"]["lr"]
+    full_lr = load_yaml_config(preset_path("demo"))["training"]["learning_rate"]
     runs = {"lora": [], "full": ["--no-peft", "--train-vision", "--lr", str(full_lr)]}
     step("8/8 LoRA on domain B at the advisor's settings; full fine-tuning for the same steps",
          f"python scripts/train.py --preset demo-lora --config-from {advisor_json} --output-dir {stage}/lora; "

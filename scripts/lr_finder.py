@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from colintern.utils import atomic_write_json
 
     config = config_from_args(args)
-    if args.cfg__training__output_dir is None:
+    if getattr(args, "output_dir", None) is None:  # --output-dir (a TrainingArguments flag: absent unless given)
         config.training.output_dir = "experiments/lr_finder"
     prefer_offline_when_unreachable()
     out = Path(config.training.output_dir)

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     objectives = args.objective.replace(" ", "")
     name = args.study_name or f"{Path(base.preset or args.config or 'colintern').stem}-{objectives.replace(',', '-')}"
-    output_dir = args.cfg__training__output_dir or str(Path("experiments") / "optuna" / name)
+    output_dir = getattr(args, "output_dir", None) or str(Path("experiments") / "optuna" / name)
     space = SearchSpace.from_yaml(args.search_space or default_search_space_path(base.preset))
     settings = SearchSettings(
         output_dir=output_dir, study_name=name, storage=args.storage, objectives=objectives, pruner=args.pruner,

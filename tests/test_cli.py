@@ -38,8 +38,8 @@ def test_a_bad_value_names_the_option_the_value_the_range_and_the_source():
     with pytest.raises(ColinternError) as caught:
         check_option(-2.0, "--lr", gt=0)
     assert str(caught.value) == "--lr = -2.0: must be a finite number > 0"  # a value passed in Python
-    with pytest.raises(ColinternError, match=r"^training.lr \(--lr\) = nan: .* \(set in run.yaml\)$"):
-        Limits(gt=0).check(math.nan, "training.lr (--lr)", "run.yaml")
+    with pytest.raises(ColinternError, match=r"^training.learning_rate \(--lr\) = nan: .* \(set in run.yaml\)$"):
+        Limits(gt=0).check(math.nan, "training.learning_rate (--lr)", "run.yaml")
 
 
 def parser_with(*arguments) -> argparse.ArgumentParser:

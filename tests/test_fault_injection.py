@@ -376,7 +376,7 @@ def optuna_args(world: World, *extra: str) -> list[str]:
 
 def diverging_search_space(world: World) -> None:
     """A search space whose every learning rate makes the loss non-finite: each trial fails (nan) on its own."""
-    (world.tmp / "space.yaml").write_text("parameters:\n  training.lr: {type: categorical, choices: [1.0e+30, 1.0e+32]}\n")
+    (world.tmp / "space.yaml").write_text("parameters:\n  training.learning_rate: {type: categorical, choices: [1.0e+30, 1.0e+32]}\n")
 
 
 def bad_optuna_trials(world: World) -> list[str]:
@@ -413,7 +413,7 @@ PROBES: list[Probe] = [
     train("--dtype", "bogus"),
     train("--bf16", "maybe"),
     Probe("train --config with lr: -1", 6, T, lambda w: [*w.train_args(), "--config", str(w.tmp / "bad.yaml")],
-          lambda w: ["training.lr", "bad.yaml"], setup=write("bad.yaml", "base: demo.yaml\ntraining: {lr: -1}\n")),
+          lambda w: ["training.learning_rate", "bad.yaml"], setup=write("bad.yaml", "base: demo.yaml\ntraining: {lr: -1}\n")),
     Probe("train --config with lora dropout 5 (advisor JSON)", 6, T,
           lambda w: [*w.train_args(), "--config-from", str(w.tmp / "advice.json")],
           lambda w: ["dropout", "advice.json"],
@@ -550,7 +550,7 @@ def test_every_bad_value_of_item_6_names_where_it_came_from(probe_world):
     assert "(set on the command line)" in result.error_line()
     (probe_world.tmp / "bad.yaml").write_text("base: demo.yaml\ntraining: {batch_size: 0}\n")
     result = run_in_process(T, [*probe_world.train_args(), "--config", str(probe_world.tmp / "bad.yaml")])
-    assert "training.batch_size (--batch-size) = 0: must be an integer >= 1" in result.error_line()
+    assert "training.per_device_train_batch_size (--batch-size) = 0: must be an integer >= 1" in result.error_line()
     assert "bad.yaml)" in result.error_line()
 
 

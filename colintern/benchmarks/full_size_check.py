@@ -557,7 +557,8 @@ def lora_run_config(model_dir, data_dir, run_dir, *, steps: int, batch_size: int
         "data": {"dataset": str(data_dir), "eval_split": None},
         "lora": {"enabled": True, "rank": rank, "alpha": rank},
         "training": {
-            "output_dir": str(run_dir), "max_steps": steps, "batch_size": batch_size, "grad_accum": 1,
+            "output_dir": str(run_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": 1,
             "warmup_steps": 0,  # a 1-step run with warm-up would train at lr 0 and save an untrained head
             "logging_steps": 1, "save_steps": steps + 1, "eval_steps": None, "report_to": "none",
             "dataloader_num_workers": 0, "retrieval_eval": False,

@@ -167,7 +167,7 @@ def bf16_run_config(lr: float):
     config = RunConfig()
     apply_overrides(config, load_yaml_config(preset_path("demo")), "preset demo")
     config.preset = "demo"
-    apply_overrides(config, {"model": {"dtype": "bfloat16"}, "lora": {"enabled": True}, "training": {"lr": lr}},
+    apply_overrides(config, {"model": {"dtype": "bfloat16"}, "lora": {"enabled": True}, "training": {"learning_rate": lr}},
                     "bf16-step")
     return config
 
@@ -278,7 +278,7 @@ def lora_curve(work: Path, steps: int, *, tiny: bool = False, layout: str = "sna
                                  max_num_visual_tokens=max_visual, overrides={
         "model": {"dtype": "bfloat16" if cuda else "float32", "attn_implementation": "auto"},
         "data": {"eval_split": "test", "max_eval_samples": test_rows},
-        "training": {"lr": lr, "warmup_steps": max(1, steps // 10), "eval_steps": eval_steps,
+        "training": {"learning_rate": lr, "warmup_steps": max(1, steps // 10), "eval_steps": eval_steps,
                      "gradient_checkpointing": True, "bf16": "true" if cuda else "false",
                      "dataloader_num_workers": 2 if cuda else 0},
     })  # fmt: skip

@@ -270,10 +270,10 @@ def run_config(plan: TrainStepRun, workers: int | None, output_dir: Path, model_
     training.report_to = "none"
     training.logging_steps = 1
     training.output_dir = str(output_dir)
-    training.resume = None
+    training.resume_from_checkpoint = None
     if plan.batch_size:
-        training.batch_size = plan.batch_size
-    training.grad_accum = 1  # one optimizer step = one batch, in both ways
+        training.per_device_train_batch_size = plan.batch_size
+    training.gradient_accumulation_steps = 1  # one optimizer step = one batch, in both ways
     if workers is not None:
         training.dataloader_num_workers = workers
     config.data.eval_split = None
@@ -324,7 +324,7 @@ def measure_way(plan: TrainStepRun, way: str, workers: int | None, tmp: Path) ->
     if timed_steps < 1:
         raise RuntimeError(f"only {len(clock.ends)} steps ran; the dataset is too small for --warmup + --steps")
     seconds = clock.ends[-1] - clock.ends[plan.warmup - 1]
-    batch = config.training.batch_size
+    batch = config.training.per_device_train_batch_size
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "way": way,
@@ -401,7 +401,7 @@ def _resized(rows, config, plan: TrainStepRun):
     from PIL import Image
 
     column = config.data.image_column
-    rows = rows.select(range(min(len(rows), config.training.batch_size * (plan.warmup + plan.steps))))
+    rows = rows.select(range(min(len(rows), config.training.per_device_train_batch_size * (plan.warmup + plan.steps))))
 
     def resize(example):
         value = example[column]

@@ -28,10 +28,9 @@ logger = logging.getLogger("train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from colintern.training.arguments import add_config_arguments
+    from colintern.training.arguments import config_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    parser = config_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     return parser
 

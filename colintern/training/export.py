@@ -87,7 +87,9 @@ def model_card(adapter_dir: Path, run_config: dict | None, results: list[dict] |
         "",
     ]
     if run_config:
-        training, lora = run_config.get("training", {}), run_config.get("lora", {})
+        from colintern.training.arguments import upgrade_training_keys
+
+        training, lora = upgrade_training_keys(run_config.get("training", {})), run_config.get("lora", {})
         data = run_config.get("data", {})
         lines += [
             "## Training",
@@ -95,9 +97,11 @@ def model_card(adapter_dir: Path, run_config: dict | None, results: list[dict] |
             "| setting | value |",
             "|---|---|",
             f"| data | {data.get('dataset')} |",
-            f"| epochs / max steps | {training.get('epochs')} / {training.get('max_steps')} |",
-            f"| batch x accumulation | {training.get('batch_size')} x {training.get('grad_accum')} |",
-            f"| learning rate | {training.get('lr')} (warm-up {training.get('warmup_steps')}, {training.get('scheduler')}) |",
+            f"| epochs / max steps | {training.get('num_train_epochs')} / {training.get('max_steps')} |",
+            f"| batch x accumulation | {training.get('per_device_train_batch_size')} x "
+            f"{training.get('gradient_accumulation_steps')} |",
+            f"| learning rate | {training.get('learning_rate')} (warm-up {training.get('warmup_steps')}, "
+            f"{training.get('lr_scheduler_type')}) |",
             f"| LoRA | r={lora.get('rank')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')} |",
             f"| loss | {training.get('loss')} |",
             "",

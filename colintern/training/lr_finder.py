@@ -155,14 +155,14 @@ def find_lr(
     config.training.eval_steps = None
     config.training.logging_steps = 1
     config.training.report_to = "none"
-    config.training.resume = None
+    config.training.resume_from_checkpoint = None
     config.training.early_stopping_patience = None
     ratio = lr_max / lr_min
 
     def exponential(optimizer):
         # each parameter group starts at lr_min x (its lr / the main lr), keeping per-part ratios
         for group in optimizer.param_groups:
-            group["initial_lr"] = lr_min * group["lr"] / config.training.lr
+            group["initial_lr"] = lr_min * group["lr"] / config.training.learning_rate
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (step / max(1, steps - 1)))
 
     result = LRFinderResult(skip_start=skip_start)

@@ -62,26 +62,17 @@ class NonFiniteLossError(ColinternError):
 
 # ------------------------------------------------------------------------------------------------ losses
 def build_loss(name: str, temperature: float | None = None) -> torch.nn.Module:
-    """colpali-engine's late-interaction losses by name (`--loss`)."""
-    from colpali_engine.loss import (
-        ColbertLoss,
-        ColbertNegativeCELoss,
-        ColbertPairwiseCELoss,
-        ColbertPairwiseNegativeCELoss,
-    )
+    """colpali-engine's late-interaction losses by name (`--loss`; the names: colintern.training.arguments.LOSSES)."""
+    import colpali_engine.loss
 
-    losses = {
-        "colbert": ColbertLoss,
-        "pairwise": ColbertPairwiseCELoss,
-        "negative-ce": ColbertNegativeCELoss,
-        "pairwise-negative-ce": ColbertPairwiseNegativeCELoss,
-    }
-    if name not in losses:
-        raise ColinternError(f"Unknown loss '{name}'; choose one of {', '.join(losses)}")
+    from colintern.training.arguments import LOSSES
+
+    if name not in LOSSES:
+        raise ColinternError(f"Unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
     # norm_tol: colpali-engine prints a warning when length-normalised scores leave [0, 1]; with exact MaxSim
     # (see compact_multivectors) a query token's best match can be negative, so the valid range is [-1, 1].
     kwargs = {"norm_tol": 1.0} if temperature is None else {"temperature": temperature, "norm_tol": 1.0}
-    return losses[name](**kwargs)
+    return getattr(colpali_engine.loss, LOSSES[name])(**kwargs)
 
 
 def compact_multivectors(embeddings: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -552,9 +543,9 @@ def parameter_groups(model, config: RunConfig) -> list[dict]:
     """Optimizer groups: LoRA / language model at --lr, the head at --lr-head, vision parts at --lr-vision."""
     training = config.training
     groups: dict[str, dict] = {
-        "lora_or_language_model": {"params": [], "lr": training.lr},
-        "head": {"params": [], "lr": training.lr_head or training.lr},
-        "vision": {"params": [], "lr": training.lr_vision or training.lr},
+        "lora_or_language_model": {"params": [], "lr": training.learning_rate},
+        "head": {"params": [], "lr": training.lr_head or training.learning_rate},
+        "vision": {"params": [], "lr": training.lr_vision or training.learning_rate},
     }
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -580,7 +571,7 @@ def build_optimizer(model, config: RunConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config)
     params = [p for group in groups for p in group["params"]]
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=config.training.lr, weight_decay=config.training.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=config.training.learning_rate, weight_decay=config.training.weight_decay, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -593,14 +584,16 @@ class TrainResult:
 
 
 def _bf16(config: RunConfig) -> bool:
-    value = str(config.training.bf16).lower()
-    if value == "auto":
+    value = config.training.bf16  # None: auto
+    if value is None or str(value).lower() == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return value in ("1", "true", "yes")
+    return str(value).lower() in ("1", "true", "yes")
 
 
 def _report_to(config: RunConfig, output_dir: Path) -> list[str]:
-    targets = [t.strip() for t in config.training.report_to.split(",") if t.strip() and t.strip() != "none"]
+    given = config.training.report_to  # TrainingArguments makes a list of it
+    items = given if isinstance(given, list) else [given or "none"]
+    targets = [t.strip() for item in items for t in str(item).split(",") if t.strip() and t.strip() != "none"]
     for target in targets:
         if target not in ("wandb", "tensorboard"):
             raise ColinternError(f"--report-to must be wandb, tensorboard or none, not '{target}'")
@@ -685,21 +678,25 @@ class PreparedRun:
 
 
 def recipe_arguments(config: RunConfig) -> dict:
-    """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging)."""
+    """The `TrainingArguments` that make the recipe (steps, batch, optimisation, precision, seed, logging), and any
+    other TrainingArguments field the configuration sets (colintern.training.arguments.trainer_options)."""
     training = config.training
     from transformers.utils import is_torch_bf16_gpu_available
 
+    from colintern.training.arguments import trainer_options
+
     bf16 = _bf16(config)
     return dict(
+        **trainer_options(training),
         # --bf16 true without a bf16 accelerator: CPU autocast (transformers refuses bf16 there unless told use_cpu)
         use_cpu=bf16 and not is_torch_bf16_gpu_available(),
         output_dir=str(training.output_dir),
-        num_train_epochs=training.epochs,
+        num_train_epochs=training.num_train_epochs,
         max_steps=training.max_steps,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.grad_accum,
-        learning_rate=training.lr,
-        lr_scheduler_type=training.scheduler,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler_type,
         warmup_steps=training.warmup_steps,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
@@ -751,7 +748,7 @@ def build_trainer(
 
     check_launch()
     output_dir = Path(config.training.output_dir)
-    resume = resolve_resume(config.training.resume, output_dir) if validate_resume else None
+    resume = resolve_resume(config.training.resume_from_checkpoint, output_dir) if validate_resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if save_checkpoints and resume is None:
@@ -766,7 +763,7 @@ def build_trainer(
         raise ColinternError(f"--loss {config.training.loss} needs hard negatives: set --negatives-column")
     from colintern.training.grad_cache import check_cache_chunk_size
 
-    check_cache_chunk_size(config.training.cache_chunk_size, config.training.batch_size)
+    check_cache_chunk_size(config.training.cache_chunk_size, config.training.per_device_train_batch_size)
 
     torch.manual_seed(config.training.seed)
     model, processor = build_model(config)
@@ -783,7 +780,7 @@ def build_trainer(
     eval_enabled = (data.eval_dataset is not None or data.retrieval_split is not None) and bool(training.eval_steps)
     args = TrainingArguments(
         **recipe_arguments(config),
-        per_device_eval_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.per_device_train_batch_size,
         eval_strategy="steps" if eval_enabled else "no",
         eval_steps=training.eval_steps,
         save_strategy="steps" if save_checkpoints else "no",
@@ -807,7 +804,7 @@ def build_trainer(
     optimizer = build_optimizer(model, config)
     stop = GracefulStop()
     all_callbacks: list[TrainerCallback] = [
-        stop, WallClockLog(training.batch_size * training.grad_accum * max(1, args.world_size)),
+        stop, WallClockLog(training.per_device_train_batch_size * training.gradient_accumulation_steps * max(1, args.world_size)),
         NoEvaluationInShortRuns(),
     ]
     if training.early_stopping_patience and eval_enabled:

@@ -1,6 +1,6 @@
 """Ablations: a baseline configuration, one parameter varied at a time, every variant trained, evaluated and logged.
 
-    plan = plan_ablation(base_config, {"training.lr": [1e-5, 2e-5, 5e-5]}, name="lr")
+    plan = plan_ablation(base_config, {"training.learning_rate": [1e-5, 2e-5, 5e-5]}, name="lr")
     run_ablation(plan, log_path="experiments/log.jsonl")
 
 Each variant trains in its own process (a crash or an out-of-memory kill cannot end the sweep), is evaluated with
@@ -25,20 +25,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from colintern.training.arguments import RunConfig, apply_overrides
+from colintern.training.arguments import RENAMED_FIELDS, RunConfig, apply_overrides, canonical_path
 from colintern.utils import PACKAGE_DIR, ColinternError, atomic_write_json, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
 
 # short names for the fields people vary most; any `section.field` works too
 ALIASES = {
-    "lr": "training.lr",
+    "lr": "training.learning_rate",
     "lr_head": "training.lr_head",
-    "batch": "training.batch_size",
-    "batch_size": "training.batch_size",
-    "grad_accum": "training.grad_accum",
+    "batch": "training.per_device_train_batch_size",
+    "batch_size": "training.per_device_train_batch_size",
+    "grad_accum": "training.gradient_accumulation_steps",
     "warmup": "training.warmup_steps",
-    "epochs": "training.epochs",
+    "epochs": "training.num_train_epochs",
     "steps": "training.max_steps",
     "wd": "training.weight_decay",
     "weight_decay": "training.weight_decay",
@@ -53,15 +53,15 @@ FINISHED = ("ok", "nan")  # statuses a re-run skips; "failed" and "interrupted" 
 
 
 def field_path(key: str) -> tuple[str, str]:
-    path = ALIASES.get(key, key)
+    path = canonical_path(ALIASES.get(key, key))
     if "." not in path:
-        raise ColinternError(f"--vary {key}: use section.field (e.g. training.lr) or one of {', '.join(ALIASES)}")
+        raise ColinternError(f"--vary {key}: use section.field (e.g. training.learning_rate) or one of {', '.join(ALIASES)}")
     section, name = path.split(".", 1)
     return section, name
 
 
 def parse_vary(specs: list[str]) -> dict[str, list[str]]:
-    """["lr=1e-5,2e-5", "batch=4,8"] -> {"training.lr": ["1e-5", "2e-5"], "training.batch_size": ["4", "8"]}."""
+    """["lr=1e-5,2e-5", "batch=4,8"] -> {"training.learning_rate": ["1e-5", "2e-5"], "training.per_device_train_batch_size": ["4", "8"]}."""
     out: dict[str, list[str]] = {}
     for spec in specs:
         if "=" not in spec:
@@ -84,7 +84,7 @@ class Variant:
     @property
     def config_hash(self) -> str:
         data = self.config.to_dict()
-        data["training"].pop("resume", None)
+        data["training"].pop("resume_from_checkpoint", None)
         return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -96,8 +96,11 @@ class AblationPlan:
     benchmarks: list[str] = field(default_factory=lambda: ["SynthDocsRetrieval"])
 
 
+_SHORT = {new: old for old, new in RENAMED_FIELDS.items()}  # folder names stay short: lr=1e-3, not learning_rate=1e-3
+
+
 def _effective_batch(config: RunConfig) -> int:
-    return config.training.batch_size * config.training.grad_accum
+    return config.training.per_device_train_batch_size * config.training.gradient_accumulation_steps
 
 
 def _format_value(value: str) -> str:
@@ -122,6 +125,7 @@ def plan_ablation(
     if scale_lr not in (None, "linear", "sqrt"):
         raise ColinternError("--scale-lr must be linear or sqrt")
     name = name or base.experiment.name or "ablation"
+    vary = {canonical_path(path): values for path, values in vary.items()}
     plan = AblationPlan(name=name, base=base, benchmarks=list(benchmarks or ["SynthDocsRetrieval"]))
     if grid:
         combos = [dict(zip(vary, values)) for values in itertools.product(*vary.values())]
@@ -136,18 +140,19 @@ def plan_ablation(
         apply_overrides(config, nested, f"variant {combo}")
         if "lora.rank" in combo and "lora.alpha" not in combo:
             config.lora.alpha = config.lora.rank  # the advisor's rule: alpha = rank
-        if scale_lr and "training.lr" not in combo and _effective_batch(config) != _effective_batch(base):
+        if scale_lr and "training.learning_rate" not in combo and _effective_batch(config) != _effective_batch(base):
             ratio = _effective_batch(config) / _effective_batch(base)
-            config.training.lr = base.training.lr * (ratio if scale_lr == "linear" else math.sqrt(ratio))
-        label = ",".join(f"{path.split('.')[-1]}={_format_value(str(v))}" for path, v in combo.items())
+            config.training.learning_rate = base.training.learning_rate * (ratio if scale_lr == "linear" else math.sqrt(ratio))
+        label = ",".join(f"{_SHORT.get(path.split('.')[-1], path.split('.')[-1])}={_format_value(str(v))}"
+                         for path, v in combo.items())
         config.training.output_dir = str(Path(output_root) / safe_name(name, fallback="ablation") / label)
-        config.training.resume = None
+        config.training.resume_from_checkpoint = None
         config.training.overwrite = True  # the variant's folder is the sweep's own: an unfinished try is set aside
         config.experiment.name = f"{name}/{label}"
         config.experiment.hyperparameters_under_test = sorted(combo)
         overrides = dict(combo)
-        if scale_lr and "training.lr" not in combo and config.training.lr != base.training.lr:
-            overrides["training.lr (scaled)"] = config.training.lr
+        if scale_lr and "training.learning_rate" not in combo and config.training.learning_rate != base.training.learning_rate:
+            overrides["training.learning_rate (scaled)"] = config.training.learning_rate
         plan.variants.append(Variant(label, overrides, config))
     return plan
 

@@ -123,7 +123,7 @@ def test_quick_test_config_trains_end_to_end(colintern_home, tmp_path):
                               str(tmp_path / "quick"), "--max-steps", "4", "--eval-steps", "4", "--num-workers", "0",
                               "--batch-size", "8"])
     config = config_from_args(args)
-    assert len(config.data.mixture) == 2 and config.preset is None and config.training.lr == 1e-3
+    assert len(config.data.mixture) == 2 and config.preset is None and config.training.learning_rate == 1e-3
     result = train(config)
     assert result.global_step == 4
     assert (tmp_path / "quick" / "model.safetensors").is_file()

@@ -498,7 +498,7 @@ def test_a_run_killed_during_a_save_resumes_from_the_previous_checkpoint(
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     out = tmp_path / "sigkill"
     assert (out / "checkpoint-4" / "adapter_model.safetensors").is_file()  # half there
-    config.training.resume = "latest"
+    config.training.resume_from_checkpoint = "latest"
     with caplog.at_level("INFO"):
         resumed = train(config)
     assert f"skipping {out / 'checkpoint-4'}, incomplete" in caplog.text

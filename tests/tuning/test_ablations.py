@@ -19,9 +19,9 @@ def base_config() -> RunConfig:
 def test_one_factor_at_a_time_and_lr_scaling():
     plan = plan_ablation(base_config(), parse_vary(["batch=8,32,128"]), name="b", scale_lr="linear")
     assert [v.name for v in plan.variants] == ["batch_size=8", "batch_size=32", "batch_size=128"]
-    assert [v.config.training.lr for v in plan.variants] == [2.5e-4, 1e-3, 4e-3]
+    assert [v.config.training.learning_rate for v in plan.variants] == [2.5e-4, 1e-3, 4e-3]
     sqrt = plan_ablation(base_config(), parse_vary(["batch=8"]), name="b", scale_lr="sqrt")
-    assert sqrt.variants[0].config.training.lr == pytest.approx(5e-4)
+    assert sqrt.variants[0].config.training.learning_rate == pytest.approx(5e-4)
     both = plan_ablation(base_config(), parse_vary(["lr=1e-4,1e-3", "rank=4,8"]), name="x")
     assert len(both.variants) == 4  # 2 + 2, one factor at a time
     assert both.variants[2].config.lora.alpha == 4  # alpha follows rank

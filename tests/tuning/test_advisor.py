@@ -326,14 +326,14 @@ def test_the_demo_lora_preset_holds_the_advisors_settings_for_the_pretrained_bac
     preset = RunConfig()
     apply_overrides(preset, load_yaml_config(preset_path("demo-lora")), "preset demo-lora")
     n_train = SynthDocsConfig(domain="b").n_train
-    advice = recommend(PRETRAINED_MODEL, dataset_size=n_train, epochs=int(preset.training.epochs))
+    advice = recommend(PRETRAINED_MODEL, dataset_size=n_train, epochs=int(preset.training.num_train_epochs))
     (tmp_path / "advisor.json").write_text(json.dumps(advice.to_json()))
     overrides = advisor_overrides(tmp_path / "advisor.json")  # what scripts/train.py --config-from applies
-    assert {"lr", "batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
+    assert {"learning_rate", "per_device_train_batch_size", "warmup_steps"} <= set(overrides["training"]) and "rank" in overrides["lora"]
     for section, values in overrides.items():
         for name, value in values.items():
             assert getattr(getattr(preset, section), name) == value, f"demo-lora {section}.{name} != advisor {value}"
-    assert advice.total_steps == int(preset.training.epochs) * -(-n_train // advice.effective_batch_size)
+    assert advice.total_steps == int(preset.training.num_train_epochs) * -(-n_train // advice.effective_batch_size)
     assert preset.lora.enabled and not preset.training.train_vision and preset.training.max_steps == -1
     assert preset.model.name_or_path == PRETRAINED_MODEL and preset.data.dataset == "embedded:synthdocs-b"
 

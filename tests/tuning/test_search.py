@@ -76,16 +76,16 @@ def test_search_space_files_and_errors():
         path = default_search_space_path(preset)
         assert path.name == name
         loaded = SearchSpace.from_yaml(path)
-        assert loaded.get("training.lr").log and loaded.get("lora.rank").type == "categorical"
-        assert loaded.get("training.batch_size") is not None and loaded.get("training.weight_decay") is not None
+        assert loaded.get("training.learning_rate").log and loaded.get("lora.rank").type == "categorical"
+        assert loaded.get("training.per_device_train_batch_size") is not None and loaded.get("training.weight_decay") is not None
     with pytest.raises(ColinternError, match="did you mean lr"):
         space(**{"training.lrr": LR})
     with pytest.raises(ColinternError, match="type must be one of"):
-        space(**{"training.lr": {"type": "uniform", "low": 1, "high": 2}})
+        space(**{"training.learning_rate": {"type": "uniform", "low": 1, "high": 2}})
     with pytest.raises(ColinternError, match="log-scaled range needs low > 0"):
-        space(**{"training.lr": {"type": "float", "low": 0, "high": 1, "log": True}})
-    with pytest.raises(ColinternError, match="training.batch_size"):
-        space(**{"training.batch_size": {"type": "categorical", "choices": ["many"]}})
+        space(**{"training.learning_rate": {"type": "float", "low": 0, "high": 1, "log": True}})
+    with pytest.raises(ColinternError, match="training.per_device_train_batch_size"):
+        space(**{"training.per_device_train_batch_size": {"type": "categorical", "choices": ["many"]}})
     demo = RunConfig.from_dict({"training": {"max_steps": 480, "eval_steps": 160}})
     hyperband = build_pruner(SearchSettings(output_dir="x", pruner="hyperband"), demo)
     assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
@@ -103,19 +103,19 @@ def test_memory_constraint_rejects_configurations_before_training(tmp_path):
     space, so it is dropped; batch 16 fits only with gradient checkpointing, so the trial without it is rejected
     before any model is loaded (offline, the 1B weights do not even exist here)."""
     base = RunConfig()  # the 1B preset's defaults: LoRA r=32, 1536 visual tokens, bf16
-    searched = space(**{"training.batch_size": {"type": "categorical", "choices": [4, 16, 64]},
+    searched = space(**{"training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 16, 64]},
                         "training.gradient_checkpointing": {"type": "categorical", "choices": [True, False]}})
     bounded, bound = bound_batch_size(base, searched, vram_gib=24)
-    assert 16 <= bound < 64 and bounded.get("training.batch_size").choices == (4, 16)
+    assert 16 <= bound < 64 and bounded.get("training.per_device_train_batch_size").choices == (4, 16)
     big = RunConfig()
-    big.training.batch_size, big.training.gradient_checkpointing = 16, False
+    big.training.per_device_train_batch_size, big.training.gradient_checkpointing = 16, False
     assert not check_memory(big, 24).fits and check_memory(big, 24).excess_gib > 0
     big.training.gradient_checkpointing = True
     assert check_memory(big, 24).fits
 
     settings = SearchSettings(output_dir=tmp_path / "study", study_name="fit", n_trials=1, vram_gib=24)
     result = run_search(base, searched, settings,
-                        enqueue=[{"training.batch_size": 16, "training.gradient_checkpointing": False}])
+                        enqueue=[{"training.per_device_train_batch_size": 16, "training.gradient_checkpointing": False}])
     (trial,) = result.study.trials
     assert trial.state == TrialState.PRUNED and "infeasible" in trial.user_attrs["infeasible"]
     assert trial.constraints[MEMORY_CONSTRAINT] > 0 and trial.user_attrs["estimated_peak_gib"] > 24
@@ -125,19 +125,19 @@ def test_memory_constraint_rejects_configurations_before_training(tmp_path):
 
     tiny = RunConfig.from_dict({"model": {"name_or_path": "embedded:tiny-internvl3_5", "max_num_visual_tokens": 16}})
     with pytest.raises(ColinternError, match="No batch size in the search space fits"):
-        bound_batch_size(tiny, space(**{"training.batch_size": {"type": "categorical", "choices": [4, 8]}}), 0.5)
+        bound_batch_size(tiny, space(**{"training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}), 0.5)
 
 
 def test_pruning_failed_trials_outputs_and_resume(colintern_home, small_synthdocs_dir, tmp_path):
     base = tiny_base(small_synthdocs_dir)
-    searched = space(**{"training.lr": LR, "training.temperature": TEMPERATURE})
+    searched = space(**{"training.learning_rate": LR, "training.temperature": TEMPERATURE})
     out = tmp_path / "study"
     settings = SearchSettings(output_dir=out, study_name="s", objectives=("eval_loss",), n_trials=3,
                               pruner="median", pruner_startup_trials=1)
     result = run_search(base, searched, settings, enqueue=[
-        {"training.lr": 2e-3, "training.temperature": 0.02},  # learns: the median pruner's reference
-        {"training.lr": 1e-7, "training.temperature": 0.02},  # learns nothing: pruned at its first evaluation
-        {"training.lr": 1e-3, "training.temperature": 1e-45},  # NaN loss: failed, the study goes on
+        {"training.learning_rate": 2e-3, "training.temperature": 0.02},  # learns: the median pruner's reference
+        {"training.learning_rate": 1e-7, "training.temperature": 0.02},  # learns nothing: pruned at its first evaluation
+        {"training.learning_rate": 1e-3, "training.temperature": 1e-45},  # NaN loss: failed, the study goes on
     ])
     trials = result.study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
@@ -154,9 +154,9 @@ def test_pruning_failed_trials_outputs_and_resume(colintern_home, small_synthdoc
     assert record["optuna"]["best_trial"] == 0 and record["objective"]["eval_loss"] == trials[0].value
     config = RunConfig()
     apply_overrides(config, advisor_overrides(out / "optuna_best_params.json"))
-    assert config.training.lr == 2e-3 and config.training.temperature == 0.02
+    assert config.training.learning_rate == 2e-3 and config.training.temperature == 0.02
     rows = (out / "trials.csv").read_text().splitlines()
-    assert len(rows) == 4 and "params_training.lr" in rows[0] and "COMPLETE" in rows[1] and "PRUNED" in rows[2]
+    assert len(rows) == 4 and "params_training.learning_rate" in rows[0] and "COMPLETE" in rows[1] and "PRUNED" in rows[2]
     for name in ("optimization_history.png", "intermediate_values.png"):
         assert_png(out / name)
 
@@ -185,11 +185,11 @@ def test_pruning_failed_trials_outputs_and_resume(colintern_home, small_synthdoc
 
 def test_multi_objective_reports_the_pareto_front(colintern_home, small_synthdocs_dir, tmp_path):
     base = tiny_base(small_synthdocs_dir)
-    searched = space(**{"training.lr": LR, "training.batch_size": {"type": "categorical", "choices": [4, 8]}})
+    searched = space(**{"training.learning_rate": LR, "training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}})
     out = tmp_path / "pareto"
     settings = SearchSettings(output_dir=out, study_name="p", objectives=("ndcg", "memory"), n_trials=2)
-    result = run_search(base, searched, settings, enqueue=[{"training.lr": 1e-3, "training.batch_size": 4},
-                                                           {"training.lr": 1e-3, "training.batch_size": 8}])
+    result = run_search(base, searched, settings, enqueue=[{"training.learning_rate": 1e-3, "training.per_device_train_batch_size": 4},
+                                                           {"training.learning_rate": 1e-3, "training.per_device_train_batch_size": 8}])
     trials = result.study.trials
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
     assert all(0 <= t.values[0] <= 1 for t in trials)
@@ -233,7 +233,7 @@ def test_an_interrupted_trial_runs_again_when_the_study_resumes(
     colintern_home, small_synthdocs_dir, tmp_path, interactive_sigint
 ):
     base = tiny_base(small_synthdocs_dir)
-    searched = space(**{"training.lr": {"type": "float", "low": 5e-4, "high": 2e-3, "log": True}})
+    searched = space(**{"training.learning_rate": {"type": "float", "low": 5e-4, "high": 2e-3, "log": True}})
     settings = SearchSettings(output_dir=tmp_path / "s", study_name="i", objectives=("eval_loss",), n_trials=2)
     with pytest.raises(KeyboardInterrupt):
         run_search(base, searched, settings, callbacks=[InterruptAt(1)])
@@ -251,7 +251,7 @@ def test_a_configuration_error_stops_the_search_with_its_message(colintern_home,
     base.data.eval_split = "train"  # pairs, not a retrieval split: no NDCG@5 for any trial
     out = tmp_path / "s"
     with pytest.raises(ColinternError, match="reported no eval_ndcg_at_5"):
-        run_search(base, space(**{"training.lr": LR}), SearchSettings(output_dir=out, study_name="c", n_trials=3))
+        run_search(base, space(**{"training.learning_rate": LR}), SearchSettings(output_dir=out, study_name="c", n_trials=3))
     study = optuna.load_study(study_name="c", storage=f"sqlite:///{out / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]  # stopped after one; re-queued
     assert study.trials[0].user_attrs["interrupted"].startswith("stopped: The evaluation reported no")
@@ -266,8 +266,8 @@ def run_script(*args, timeout=900):
 
 def test_script_resumes_a_journal_study_and_feeds_train(colintern_home, small_synthdocs_dir, tmp_path):
     space_file = tmp_path / "space.yaml"
-    space_file.write_text("parameters:\n  training.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}\n"
-                          "  training.batch_size: {type: categorical, choices: [4, 8]}\n")
+    space_file.write_text("parameters:\n  training.learning_rate: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}\n"
+                          "  training.per_device_train_batch_size: {type: categorical, choices: [4, 8]}\n")
     out, journal = tmp_path / "study", tmp_path / "shared" / "study.journal"
     common = ["--preset", "demo", "--dataset", str(small_synthdocs_dir), "--max-steps", "4", "--eval-steps", "2",
               "--num-workers", "0", "--max-eval-samples", "24", "--search-space", str(space_file),
@@ -289,8 +289,8 @@ def test_script_resumes_a_journal_study_and_feeds_train(colintern_home, small_sy
     assert printed.returncode == 0, printed.stderr[-2000:]
     record = json.loads(best.read_text())
     config = json.loads(printed.stdout)
-    assert config["training"]["lr"] == record["learning_rate"]
-    assert config["training"]["batch_size"] == record["per_device_train_batch_size"]
+    assert config["training"]["learning_rate"] == record["learning_rate"]
+    assert config["training"]["per_device_train_batch_size"] == record["per_device_train_batch_size"]
 
 
 
@@ -405,7 +405,7 @@ def test_a_killed_worker_s_trial_runs_again_exactly_once(colintern_home, small_s
     configuration once more, at once (it used to stay RUNNING until the heartbeat's grace period, or forever in a
     journal file, and the resumed study sampled a new configuration instead)."""
     space_file = tmp_path / "space.yaml"
-    space_file.write_text("parameters:\n  training.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}\n")
+    space_file.write_text("parameters:\n  training.learning_rate: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}\n")
     out = tmp_path / "study"
     args = ["--preset", "demo", "--dataset", str(small_synthdocs_dir), "--max-steps", "6", "--eval-steps", "2",
             "--num-workers", "0", "--max-eval-samples", "24", "--search-space", str(space_file), "--objective",
@@ -525,9 +525,9 @@ def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, 
     """Two workers share a study on a real PostgreSQL server; one is killed (SIGKILL) in the middle of a trial. The
     other runs the dead worker's configuration again: every configuration completes exactly once, and each value
     (so the best) equals a single worker's run of the same configurations."""
-    configs = [{"training.lr": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
+    configs = [{"training.learning_rate": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
     common = {"dataset": str(small_synthdocs_dir), "max_steps": 4, "eval_steps": 2, "n_trials": len(configs),
-              "space": {"training.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
+              "space": {"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}}
     storage = optuna.storages.RDBStorage(postgres_url)
     study = optuna.create_study(study_name="pg", storage=storage, direction="minimize")
     for params in configs:  # queued before the workers start, so that they never race to enqueue
@@ -560,15 +560,28 @@ def test_postgresql_two_workers_one_killed(colintern_home, small_synthdocs_dir, 
     assert killed.state == TrialState.FAIL
     assert f"its worker (process {a.pid}) is gone" in (tmp_path / "b.log").read_text()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["training.lr"] for t in complete) == sorted(c["training.lr"] for c in configs)
+    assert sorted(t.params["training.learning_rate"] for t in complete) == sorted(c["training.learning_rate"] for c in configs)
     assert all(t.user_attrs["worker"]["pid"] == b.pid for t in complete)
     (rerun,) = [t for t in complete if t.user_attrs.get("retry_of") == killed.number]
     assert rerun.params == killed.params and len(trials) == len(configs) + 1
 
     reference = optuna.load_study(study_name="one", storage=f"sqlite:///{tmp_path / 'one' / 'optuna.db'}")
     assert [t.state for t in reference.trials] == [TrialState.COMPLETE] * len(configs)
-    expected = {t.params["training.lr"]: t.value for t in reference.trials}
+    expected = {t.params["training.learning_rate"]: t.value for t in reference.trials}
     for t in complete:
-        assert math.isclose(t.value, expected[t.params["training.lr"]], rel_tol=1e-6), (t.params, t.value, expected)
+        assert math.isclose(t.value, expected[t.params["training.learning_rate"]], rel_tol=1e-6), (t.params, t.value, expected)
     best = min(complete, key=lambda t: t.value)
     assert best.params == reference.best_params and math.isclose(best.value, reference.best_value, rel_tol=1e-6)
+
+
+def test_a_search_space_with_the_old_training_names_still_works():
+    """Search spaces written before the training options took TrainingArguments' names (training.lr, ...)."""
+    from colintern.training.arguments import advisor_key
+    from colintern.tuning.search.space import trial_config
+
+    old = space(**{"training.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+                   "training.batch_size": {"type": "categorical", "choices": [4, 8]}})
+    assert old.get("training.per_device_train_batch_size").choices == (4, 8)  # what the memory bound looks up
+    config = trial_config(RunConfig(), {"training.lr": 2e-4, "training.batch_size": 8})
+    assert (config.training.learning_rate, config.training.per_device_train_batch_size) == (2e-4, 8)
+    assert advisor_key("training.lr") == "learning_rate" and advisor_key("lora.rank") == "lora_rank"

@@ -47,7 +47,7 @@ def memory_setup(config: RunConfig, device: str = "cuda"):
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
     attention = config.model.attn_implementation
     return TrainingMemorySetup(
-        per_device_batch_size=config.training.batch_size,
+        per_device_batch_size=config.training.per_device_train_batch_size,
         query_tokens=DEFAULT_QUERY_TOKENS,
         # full training of the language model counts as "full" (the vision tower too: an upper bound without it)
         finetuning="lora" if config.lora.enabled else "full",
@@ -97,8 +97,8 @@ def bound_batch_size(base: RunConfig, space: SearchSpace, vram_gib: float) -> tu
     from colintern.tuning.memory_model import max_batch_size
 
     corner = cheapest_corner(base, space)
-    spec = space.get("training.batch_size")
-    largest = max(spec.values()) if spec is not None else corner.training.batch_size
+    spec = space.get("training.per_device_train_batch_size")
+    largest = max(spec.values()) if spec is not None else corner.training.per_device_train_batch_size
     budget_bytes = int(vram_gib * 1024**3 * (1 - SAFETY_MARGIN))
     bound = max_batch_size(_architecture(corner), memory_setup(corner), budget_bytes, limit=max(1, int(largest)))
     if spec is None:

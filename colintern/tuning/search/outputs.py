@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from colintern.training.arguments import ADVISOR_KEYS, RunConfig
+from colintern.training.arguments import RunConfig, advisor_key
 from colintern.tuning.search.settings import SearchSettings
 from colintern.tuning.search.space import describe_params
 from colintern.tuning.search.storage import DEFAULT_STORAGE_FILE, spent_seconds
@@ -68,22 +68,21 @@ def best_params_record(study, settings: SearchSettings, base: RunConfig) -> dict
                    "infeasible": sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("infeasible"))},
         "spent_hours": round(spent_seconds(study) / 3600, 4),
         "base": {"preset": base.preset, "model": base.model.name_or_path, "dataset": base.data.dataset,
-                 "max_steps": base.training.max_steps, "epochs": base.training.epochs, "seed": base.training.seed},
+                 "max_steps": base.training.max_steps, "epochs": base.training.num_train_epochs, "seed": base.training.seed},
     }
     if not front:
         return {"optuna": {**summary, "best_trial": None, "note": "no feasible trial has completed yet"}}
     direction = 1 if study.directions[0].name == "MAXIMIZE" else -1
     best = max(front, key=lambda t: direction * t.values[0])
     record: dict = {}
-    reverse = {target: key for key, target in ADVISOR_KEYS.items()}
     values = dict(best.params)
     if "lora.rank" in values and "lora.alpha" not in values:
         values["lora.alpha"] = values["lora.rank"]  # the rule the trial ran with
     for path, value in values.items():  # the advisor's names first, then the other fields by section
-        if tuple(path.split(".", 1)) in reverse:
-            record[reverse[tuple(path.split(".", 1))]] = value
+        if advisor_key(path):
+            record[advisor_key(path)] = value
     for path, value in values.items():
-        if tuple(path.split(".", 1)) not in reverse:
+        if not advisor_key(path):
             section, name = path.split(".", 1)
             record.setdefault(section, {})[name] = value
     record["objective"] = dict(zip(settings.metric_names, best.values))

@@ -162,7 +162,7 @@ class TrialRunner:
         trial_dir = trial_folder(settings.output_dir, trial.number)
         config.training.output_dir = str(trial_dir)
         config.training.run_name = f"{settings.study_name}-trial-{trial.number:04d}"
-        config.training.resume = None
+        config.training.resume_from_checkpoint = None
         config.training.overwrite = True  # a trial folder is the study's own: an earlier try there is set aside
 
         check = check_memory(config, self.vram_gib)

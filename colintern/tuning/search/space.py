@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from colintern.training.arguments import RunConfig, apply_overrides
+from colintern.training.arguments import RunConfig, apply_overrides, canonical_path
 from colintern.utils import ColinternError
 
 PARAMETER_TYPES = ("float", "int", "categorical")
@@ -133,12 +133,12 @@ class SearchSpace:
         """Every searched path must name a configuration field, and a value of the right type."""
         for spec in self.parameters:
             if "." not in spec.path:
-                raise ColinternError(f"{self.source}: '{spec.path}' must be section.field (e.g. training.lr)")
+                raise ColinternError(f"{self.source}: '{spec.path}' must be section.field (e.g. training.learning_rate)")
             for value in spec.values():
                 apply_overrides(RunConfig(), {spec.section: {spec.field_name: value}}, self.source)
 
     def get(self, path: str) -> ParameterSpec | None:
-        return next((p for p in self.parameters if p.path == path), None)
+        return next((p for p in self.parameters if canonical_path(p.path) == canonical_path(path)), None)
 
     def without(self, paths: set[str]) -> SearchSpace:
         return SearchSpace([p for p in self.parameters if p.path not in paths], self.source)
@@ -165,7 +165,7 @@ def default_search_space_path(preset: str | None) -> Path:
 
 
 def nested(values: dict[str, Any]) -> dict[str, dict]:
-    """{"training.lr": 1e-3} -> {"training": {"lr": 1e-3}}."""
+    """{"training.learning_rate": 1e-3} -> {"training": {"learning_rate": 1e-3}}."""
     out: dict[str, dict] = {}
     for path, value in values.items():
         section, name = path.split(".", 1)
@@ -183,7 +183,7 @@ def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
 
 
 def describe_params(params: dict) -> str:
-    """{"training.lr": 0.00123, "lora.rank": 8} -> "lr=0.00123, rank=8" (for log lines)."""
+    """{"training.learning_rate": 0.00123, "lora.rank": 8} -> "learning_rate=0.00123, rank=8" (for log lines)."""
     return ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in params.items())
 
 

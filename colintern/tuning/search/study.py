@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from colintern.training.arguments import RunConfig
+from colintern.training.arguments import RunConfig, canonical_path
 from colintern.tuning.search.memory import bound_batch_size
 from colintern.tuning.search.outputs import SearchResult, write_outputs
 from colintern.tuning.search.runner import TrialFailed, TrialRunner, trial_log_path
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # Fields that change where or how a run is logged, not what it learns: ignored when a resumed study's base
 # configuration is compared with the one it was created with.
 BOOKKEEPING_FIELDS = {
-    "training.output_dir", "training.run_name", "training.resume", "training.report_to", "training.logging_steps",
+    "training.output_dir", "training.run_name", "training.resume_from_checkpoint", "training.report_to", "training.logging_steps",
     "training.save_steps", "training.save_total_limit", "training.dataloader_num_workers",
 }
 
@@ -108,7 +108,7 @@ def prepare_base(base: RunConfig, settings: SearchSettings, space: SearchSpace) 
     """The base configuration as every trial starts from it, and the space as it applies to it."""
     base = copy.deepcopy(base)
     base.training.seed = settings.seed
-    base.training.resume = None
+    base.training.resume_from_checkpoint = None
     metrics = {OBJECTIVES[name].metric for name in settings.objectives}
     if "eval_ndcg_at_5" in metrics and not base.training.retrieval_eval:
         logger.info("Objective NDCG@5: turning on --retrieval-eval.")
@@ -132,7 +132,7 @@ def _comparable(config: RunConfig, space: SearchSpace) -> dict:
     data = config.to_dict()
     data.pop("experiment", None)
     for path in BOOKKEEPING_FIELDS | {p.path for p in space.parameters}:
-        section, name = path.split(".", 1)
+        section, name = canonical_path(path).split(".", 1)
         data.get(section, {}).pop(name, None)
     return json.loads(json.dumps(data, default=str))
 
@@ -169,7 +169,11 @@ def open_study(settings: SearchSettings, base: RunConfig, space: SearchSpace):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(settings.metric_names)
         return study
-    previous = stored["search"]
+    previous = dict(stored["search"])
+    try:  # a study created before the training options took TrainingArguments' names: compared by the new names
+        previous["base_config"] = _comparable(RunConfig.from_dict(previous["base_config"]), space)
+    except (ColinternError, KeyError, TypeError, AttributeError):
+        pass  # compared as stored: the differences are reported below
     problems = _differences(json.loads(json.dumps(previous)), json.loads(json.dumps(identity)))
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
@@ -185,7 +189,7 @@ def run_search(base: RunConfig, space: SearchSpace, settings: SearchSettings,
     """Run (or continue) the study until it has `settings.n_trials` finished trials or its time budget is spent,
     then write the best parameters, the trials CSV and the plots.
 
-    `enqueue`: parameter sets ({"training.lr": 1e-3, ...}) to run before the sampler's own, e.g. a known baseline
+    `enqueue`: parameter sets ({"training.learning_rate": 1e-3, ...}) to run before the sampler's own, e.g. a known baseline
     (skipped when the study already has a trial with exactly those values). `callbacks`: further TrainerCallbacks
     for every trial's Trainer.
 
