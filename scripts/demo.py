@@ -79,7 +79,9 @@ def main(args: argparse.Namespace) -> int:
         logger.info("   %s already holds a finished run; reusing it (--retrain to train again)", out)
     else:
         config.training.overwrite = True  # --retrain: the earlier demo run's checkpoints are set aside, not deleted
-        train(config)
+        if train(config).interrupted:  # Ctrl-C / SIGTERM: the trainer saved a checkpoint; stop here, not in step 4
+            logger.warning("Training was stopped; the demo stops too. Run it again to start the stage over.")
+            return 130
 
     step("4/5 Trained model on the SynthDocs test split",
          f"python scripts/evaluate.py --model-path {out} --benchmarks SynthDocsRetrieval --output-dir {results_dir}")

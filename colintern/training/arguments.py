@@ -41,7 +41,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from colintern.cli import Limits, limits, read_text
-from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS
+from colintern.model.architecture import DEFAULT_MAX_NUM_VISUAL_TOKENS, INTERNVL3_5_1B
 from colintern.utils import PRESETS_DIR, ColinternError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ExperimentConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = field(
-        default="OpenGVLab/InternVL3_5-1B-HF",
+        default=INTERNVL3_5_1B,
         metadata=_flag("--model", "base model: Hub id, local folder, or embedded:tiny-internvl3_5"),
     )
     max_num_visual_tokens: int = field(
