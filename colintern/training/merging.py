@@ -216,20 +216,22 @@ def average_adapters(folders: Sequence[Path]) -> tuple[dict[str, torch.Tensor], 
 
 
 def average_full_weights(folders: Sequence[Path]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the full weights in `folders` (integer tensors, if any, are the first's)."""
+    """The element-wise mean of the full weights in `folders`, summed in float32 one checkpoint at a time (integer
+    tensors, if any, are the first's)."""
     from safetensors.torch import load_file
 
     total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for folder in folders:
         for key, tensor in load_file(str(folder / MODEL_WEIGHTS)).items():
+            dtypes.setdefault(key, tensor.dtype)
             if not tensor.is_floating_point():
                 total.setdefault(key, tensor)
             elif key in total:
-                total[key] += tensor.double()
+                total[key] += tensor.float()
             else:
-                total[key] = tensor.double()
-    first = load_file(str(folders[0] / MODEL_WEIGHTS))
-    return {key: (value / len(folders)).to(first[key].dtype).contiguous() if value.is_floating_point() else value
+                total[key] = tensor.float().clone()
+    return {key: (value / len(folders)).to(dtypes[key]).contiguous() if value.is_floating_point() else value
             for key, value in total.items()}
 
 
