@@ -10,7 +10,6 @@ from colintern.model.encoding import encode_queries
 from colintern.model.loading import load_retriever
 from colintern.training.trainer import train
 from colintern.utils import RUN_CONFIG_FILE
-
 from tests.training.test_trainer import small_run
 
 QUERIES = ["which report has a cyan header and a purple triangle?", "a line chart"]

@@ -19,7 +19,6 @@ from colintern.training.merging import (
 )
 from colintern.training.trainer import train
 from colintern.utils import RUN_CONFIG_FILE, ColinternError
-
 from tests.conftest import REPO_ROOT
 from tests.training.test_trainer import full_run, small_run
 
