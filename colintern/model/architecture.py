@@ -18,6 +18,9 @@ from colintern.utils import ColinternError
 INTERNVL3_5_1B = "OpenGVLab/InternVL3_5-1B-HF"  # the published backbone: the default base model everywhere
 DEFAULT_MAX_NUM_VISUAL_TOKENS = 1536  # 6 tiles of 256 tokens: e.g. 2 x 2 tiles + thumbnail for a square page
 DEFAULT_EMBEDDING_DIM = 128  # the width of custom_text_proj unless the config says otherwise (ColPali's 128)
+# How the language model attends when it encodes queries and pages (`ColIntern3_5.set_attention`): "causal" is the
+# published recipe (InternVL's and ColPali's), "bidirectional" drops the causal mask (padding stays masked).
+ATTENTION_MODES = ("causal", "bidirectional")
 
 
 class VisualTokenBudgetError(ColinternError, ValueError):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from colintern.model.embedded import resolve_embedded
-from colintern.utils import ADAPTER_CONFIG_FILE, ColinternError
+from colintern.utils import ADAPTER_CONFIG_FILE, ColinternError, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,14 @@ def load_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     mask_non_image_embeddings: bool = True,
+    attention: str | None = None,
     **from_pretrained_kwargs,
 ):
-    """A ColIntern3_5 from a base InternVL3.5 checkpoint (head initialised deterministically) or a saved retriever."""
+    """A ColIntern3_5 from a base InternVL3.5 checkpoint (head initialised deterministically) or a saved retriever.
+
+    `attention` ("causal" or "bidirectional", see `ColIntern3_5.set_attention`) overrides what the checkpoint's
+    config.json says (None keeps it).
+    """
     from colintern.model.modeling import ColIntern3_5
 
     device = torch.device(device or default_device())
@@ -93,6 +98,8 @@ def load_model(
         )
     except OSError as error:
         raise _explain_load_error(str(name_or_path), error) from error
+    if attention is not None:
+        model.set_attention(attention)
     model._colintern_source = str(name_or_path)
     return model.to(device)
 
@@ -141,6 +148,28 @@ class AdapterInfo:
         return cls(path=path, base_model=config.base_model_name_or_path, config=config)
 
 
+def saved_attention(path: str | Path) -> str | None:
+    """The attention mode a trained retriever was trained with, from its run configuration (colintern_run.json in
+    `path`, or in the run folder above a checkpoint-N folder); None when there is no record (then the model's
+    config.json decides: causal unless it says `is_causal: false`)."""
+    from colintern.model.architecture import ATTENTION_MODES
+
+    path = Path(resolve_embedded(str(path))).expanduser()
+    if not path.is_dir():
+        return None
+    run = read_run_config(path)
+    if run is None and re.fullmatch(r"checkpoint-\d+", path.name):
+        run = read_run_config(path.parent)
+    mode = ((run or {}).get("model") or {}).get("attention")
+    if mode is None:
+        return None
+    if mode not in ATTENTION_MODES:
+        raise ColinternError(
+            f"{path}: the run configuration says model.attention={mode!r}; expected one of {', '.join(ATTENTION_MODES)}"
+        )
+    return mode
+
+
 def load_retriever(
     path: str,
     *,
@@ -150,21 +179,27 @@ def load_retriever(
     merge: bool = True,
     max_num_visual_tokens: int | None = None,
     base_model: str | None = None,
+    attention: str | None = None,
 ):
     """(model, processor) from a base/merged checkpoint, a Hub id, an `embedded:` alias, or a PEFT adapter folder.
 
     For an adapter, the base model named in adapter_config.json (or `base_model`) is loaded, the adapter applied and,
-    with `merge=True`, merged (`merge_and_unload`), so the result is a plain ColIntern3_5.
+    with `merge=True`, merged (`merge_and_unload`), so the result is a plain ColIntern3_5. The model attends as it was
+    trained (`saved_attention`: an adapter's base model is causal, its run may not have been), unless `attention`
+    says otherwise.
     """
+    attention = attention or saved_attention(path)
     if not is_adapter_dir(path):
-        model = load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        model = load_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                           attention=attention)
         return model, load_processor(path, max_num_visual_tokens)
 
     from peft import PeftModel
 
     info = AdapterInfo.read(path)
     model = load_model(
-        base_model or info.base_model, device=device, dtype=dtype, attn_implementation=attn_implementation
+        base_model or info.base_model, device=device, dtype=dtype, attn_implementation=attn_implementation,
+        attention=attention,
     )
     model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     if merge:

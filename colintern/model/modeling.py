@@ -17,7 +17,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.internvl import InternVLConfig, InternVLModel
 
-from colintern.model.architecture import DEFAULT_EMBEDDING_DIM
+from colintern.model.architecture import ATTENTION_MODES, DEFAULT_EMBEDDING_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,29 @@ class ColIntern3_5(InternVLModel):  # noqa: N801 - the model family's published 
             torch.allclose(proj.weight.float().cpu(), weight, atol=atol)
             and torch.allclose(proj.bias.float().cpu(), bias, atol=atol)
         )
+
+    # ------------------------------------------------------------------ attention mode
+    @property
+    def attention(self) -> str:
+        """"causal" or "bidirectional": how the language model attends (read from `config.text_config.is_causal`)."""
+        return "bidirectional" if getattr(self.config.text_config, "is_causal", True) is False else "causal"
+
+    def set_attention(self, mode: str) -> None:
+        """Make the language model attend causally (the published recipe) or bidirectionally, for training and
+        encoding alike.
+
+        transformers' own switch: with `is_causal=False` in the Qwen3 config, `create_causal_mask` builds a
+        bidirectional mask (still masking padding) and the attention kernels (eager, SDPA, flash-attention) get
+        `is_causal=False`. It lives in `config.text_config`, so `save_pretrained` writes it into config.json and a
+        fresh `from_pretrained` attends the same way; causal leaves the config as the base model had it.
+        """
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
+        text_config = self.config.text_config
+        if mode == "bidirectional":
+            text_config.is_causal = False
+        elif "is_causal" in vars(text_config):
+            del text_config.is_causal  # transformers' default is causal: a causal model's config stays unchanged
 
     # ------------------------------------------------------------------ forward
     def _vision_is_frozen(self) -> bool:

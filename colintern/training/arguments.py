@@ -91,6 +91,11 @@ class ModelConfig:
     attn_implementation: str = field(
         default="auto", metadata=_flag("--attn-implementation", "auto (flash_attention_2 if installed, else sdpa)")
     )
+    attention: str = field(
+        default="causal", metadata=_flag("--attention", "causal (the published recipe) or bidirectional: the language "
+                                         "model encodes queries and pages without the causal mask",
+                                         choices=("causal", "bidirectional"))
+    )
     quantize: str | None = field(
         default=None, metadata=_flag("--quantize", "4bit or 8bit base weights (QLoRA, CUDA + bitsandbytes)",
                                       choices=("4bit", "8bit"))

@@ -450,7 +450,8 @@ def build_model(config: RunConfig, device: str | torch.device | None = None):
     attn = None if config.model.attn_implementation == "auto" else config.model.attn_implementation
     quantization = _quantization_config(config)
     kwargs = {"quantization_config": quantization} if quantization is not None else {}
-    model = load_model(config.model.name_or_path, device=device, dtype=dtype, attn_implementation=attn, **kwargs)
+    model = load_model(config.model.name_or_path, device=device, dtype=dtype, attn_implementation=attn,
+                       attention=config.model.attention, **kwargs)
     processor = load_processor(config.model.name_or_path, max_num_visual_tokens=config.model.max_num_visual_tokens)
 
     model.requires_grad_(False)

@@ -180,3 +180,21 @@ def test_untrained_base_model_is_refused_unless_allowed(tiny_model_dir):
     baseline = ColIntern3_5Wrapper(str(tiny_model_dir), device="cpu", allow_untrained_head=True)
     assert baseline.mdl.head_is_untrained()
     assert json.loads(json.dumps(baseline.mteb_model_meta.to_dict(), default=str))["name"].startswith("colintern/")
+
+
+def test_the_wrapper_attends_as_the_run_was_trained(tiny_adapter_dir, tmp_path):
+    """An adapter of a `--attention bidirectional` run: its base model is causal, the run config says otherwise."""
+    import shutil
+
+    from colintern.utils import RUN_CONFIG_FILE
+
+    run = tmp_path / "bidirectional-run"
+    shutil.copytree(tiny_adapter_dir, run)
+    (run / RUN_CONFIG_FILE).write_text(json.dumps({"model": {"attention": "bidirectional"}}))
+    causal = ColIntern3_5Wrapper(str(tiny_adapter_dir), device="cpu", show_progress=False)
+    bidirectional = ColIntern3_5Wrapper(str(run), device="cpu", show_progress=False)
+    assert (causal.mdl.attention, bidirectional.mdl.attention) == ("causal", "bidirectional")
+    queries = ["which page has a blue pie chart and a green star?"]
+    a = encode_queries(causal.mdl, causal.processor, queries, batch_size=1)[0]
+    b = encode_queries(bidirectional.mdl, bidirectional.processor, queries, batch_size=1)[0]
+    assert float((a.float() - b.float()).abs().max()) > 1e-3  # same weights, another attention: other embeddings
