@@ -79,11 +79,7 @@ def bootstrap(tasks: dict[str, dict[tuple[str, str], np.ndarray]], draws: int = 
         n = sum(len(v) for v in values.values())
         per_task[task] = _interval(_task_estimate(values), task_draws, n, 1)
         all_draws.append(task_draws)
-    if not per_task:
-        return per_task, None
-    estimate = float(np.mean([i.estimate for i in per_task.values()]))
-    total = sum(i.n_queries for i in per_task.values())
-    return per_task, _interval(estimate, np.mean(all_draws, axis=0), total, len(per_task))
+    return per_task, _mean_interval(per_task, all_draws)
 
 
 def paired_bootstrap(a: dict[str, PerQuery], b: dict[str, PerQuery], metric: str | dict[str, str],
@@ -116,11 +112,7 @@ def paired_bootstrap(a: dict[str, PerQuery], b: dict[str, PerQuery], metric: str
         task_draws = _task_draws(diff, indices)
         per_task[task] = _interval(_task_estimate(diff), task_draws, sum(len(v) for v in diff.values()), 1)
         all_draws.append(task_draws)
-    if not per_task:
-        return per_task, None
-    estimate = float(np.mean([i.estimate for i in per_task.values()]))
-    total = sum(i.n_queries for i in per_task.values())
-    return per_task, _interval(estimate, np.mean(all_draws, axis=0), total, len(per_task))
+    return per_task, _mean_interval(per_task, all_draws)
 
 
 def verdict(a: str, b: str, where: str, interval: Interval, scale: float = 100.0) -> str:
@@ -135,3 +127,12 @@ def verdict(a: str, b: str, where: str, interval: Interval, scale: float = 100.0
         return f"{b} beats {a} on {where}: {scale * -interval.estimate:+.2f}, {round(100 * LEVEL)}% CI " \
                f"[{scale * -interval.high:.2f}, {scale * -interval.low:.2f}] {counts}"
     return f"no significant difference between {a} and {b} on {where}: {figures} {counts}"
+
+
+def _mean_interval(per_task: dict[str, Interval], all_draws: list) -> Interval | None:
+    """The interval of the mean over the tasks, from the tasks' own draws (None without tasks)."""
+    if not per_task:
+        return None
+    estimate = float(np.mean([i.estimate for i in per_task.values()]))
+    total = sum(i.n_queries for i in per_task.values())
+    return _interval(estimate, np.mean(all_draws, axis=0), total, len(per_task))
